@@ -1,0 +1,231 @@
+"""Content-addressed checkpoint store: `<root>/objects/<id>.safetensors`.
+
+Each object is one safetensors file whose header carries, under the metadata key `chronomerge`,
+a JSON record: the object's identity (kind, parent ids, technique, hyperparameters, data digest,
+code version, free-form extras), the SHA-256 digest of every tensor, and the wall-clock time.
+
+* The object id is the SHA-256 of the canonical JSON of identity and tensor digests (time is left
+  out), so the same content with the same provenance always gets the same id, in any process.
+* Tensors bitwise equal to a parent's tensor of the same name are not written again: the record
+  points at the object that holds their bytes. Disk grows with what was trained, not with the
+  model (an expert that changed only the visual tower stores only the visual tower).
+* Writes go to a temporary file, are fsynced and renamed into place, then the directory is
+  fsynced: a crash leaves either the whole object or none. Stale temporary files of dead writers
+  are removed when a store is opened.
+* Reads check the header, the file length, the id and each tensor's digest, and raise
+  `CorruptCheckpointError` naming the file. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from chronomerge import __version__
+from chronomerge.statedict import (
+    DTYPE_NAMES,
+    CorruptCheckpointError,
+    LazyStateDict,
+    TensorRef,
+    read_header,
+    tensor_digest,
+)
+
+KINDS = ("base", "expert", "deployed", "merger-state", "fisher", "other")
+_META_KEY = "chronomerge"
+_FORMAT = 1
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def object_id(identity: Mapping[str, Any], tensors: Mapping[str, list]) -> str:
+    """SHA-256 over the canonical JSON of identity metadata and `{name: [dtype, shape, digest]}`."""
+    return hashlib.sha256(_canonical({"identity": identity, "tensors": tensors}).encode()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CheckpointStore:
+    """A directory of content-addressed safetensors checkpoints (see module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict] = {}
+        self.remove_stale_temp_files()
+
+    # -- paths and listing -------------------------------------------------------------------
+    def path(self, oid: str) -> Path:
+        if len(oid) != 64 or any(c not in "0123456789abcdef" for c in oid):
+            raise ValueError(f"not a checkpoint id (64 lowercase hex digits): {oid!r}")
+        return self.objects / f"{oid}.safetensors"
+
+    def __contains__(self, oid: str) -> bool:
+        return self.path(oid).exists()
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.objects.glob("*.safetensors") if not p.name.startswith("."))
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temporary files left by writers that no longer run (a killed process)."""
+        removed = []
+        for p in self.objects.glob(".tmp-*"):
+            try:
+                pid = int(p.name.split("-")[1])
+            except (IndexError, ValueError):
+                pid = -1
+            if pid <= 0 or not _pid_alive(pid):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
+    # -- writing -----------------------------------------------------------------------------
+    def put(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        kind: str,
+        parents: Sequence[str] = (),
+        technique: str | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        data_digest: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store `tensors` and return the object id; an existing identical object is reused.
+
+        Tensors equal (by digest) to a same-named tensor of a parent are stored as references.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        for p in parents:
+            if p not in self:
+                raise ValueError(f"parent checkpoint {p} is not in the store {self.root}")
+        identity = {
+            "kind": kind,
+            "parents": list(parents),
+            "technique": technique,
+            "hparams": dict(hparams or {}),
+            "data_digest": data_digest,
+            "code_version": __version__,
+            "extra": dict(extra or {}),
+        }
+        inherited: dict[tuple[str, str], str] = {}  # (name, digest) -> object holding the bytes
+        for p in parents:
+            for name, entry in self.record(p)["tensors"].items():
+                inherited.setdefault((name, entry[2]), entry[3] or p)
+        table: dict[str, list] = {}
+        to_write: dict[str, torch.Tensor] = {}
+        for name in sorted(tensors):
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"value of {name!r} is a {type(t).__name__}, expected a tensor")
+            if t.dtype not in DTYPE_NAMES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+            t = t.detach().cpu().contiguous()
+            digest = tensor_digest(t)
+            held_by = inherited.get((name, digest))
+            if held_by is None:
+                to_write[name] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+            table[name] = [DTYPE_NAMES[t.dtype], list(t.shape), digest, held_by]
+        oid = object_id(identity, {k: v[:3] for k, v in table.items()})
+        final = self.path(oid)
+        if final.exists():
+            return oid
+        record = {"format": _FORMAT, "id": oid, "identity": identity, "tensors": table, "time": time.time()}
+        tmp = self.objects / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+        try:
+            save_file(to_write, str(tmp), metadata={_META_KEY: _canonical(record)})
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dfd = os.open(self.objects, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return oid
+
+    # -- reading -----------------------------------------------------------------------------
+    def record(self, oid: str) -> dict:
+        """The verified header record of object `oid` (identity, tensor table, time)."""
+        if oid in self._records:
+            return self._records[oid]
+        path = self.path(oid)
+        if not path.exists():
+            raise KeyError(f"checkpoint {oid} is not in the store {self.root}")
+        _, meta = read_header(path)
+        try:
+            record = json.loads(meta[_META_KEY])
+            table = record["tensors"]
+            identity = record["identity"]
+        except (KeyError, json.JSONDecodeError, TypeError) as e:
+            raise CorruptCheckpointError(f"{path}: missing or malformed chronomerge record") from e
+        if object_id(identity, {k: v[:3] for k, v in table.items()}) != oid:
+            raise CorruptCheckpointError(f"{path}: header does not match the object id (file altered)")
+        self._records[oid] = record
+        return record
+
+    def meta(self, oid: str) -> dict:
+        """Identity metadata of `oid` plus its write time."""
+        rec = self.record(oid)
+        return {**rec["identity"], "time": rec["time"], "id": oid}
+
+    def get(self, oid: str) -> LazyStateDict:
+        """A lazy, digest-verified view of object `oid`, references to parents resolved."""
+        table = self.record(oid)["tensors"]
+        files: dict[str, dict[str, TensorRef]] = {}
+        refs = {}
+        for name, (_, _, digest, held_by) in table.items():
+            holder = held_by or oid
+            if holder not in files:
+                if holder not in self:
+                    raise CorruptCheckpointError(
+                        f"{self.path(oid)}: tensor {name!r} lives in {holder}, which is missing from the store"
+                    )
+                files[holder] = read_header(self.path(holder))[0]
+                if held_by:
+                    self.record(held_by)  # verify the holder's header too
+            try:
+                r = files[holder][name]
+            except KeyError:
+                raise CorruptCheckpointError(f"{self.path(holder)}: tensor {name!r} is missing") from None
+            refs[name] = TensorRef(r.path, r.begin, r.end, r.dtype, r.shape, digest)
+        return LazyStateDict(refs)
+
+    def load(self, oid: str) -> dict[str, torch.Tensor]:
+        """All tensors of `oid` in memory, each verified against its digest."""
+        lazy = self.get(oid)
+        return {k: lazy[k] for k in lazy}
+
+    def verify(self, oid: str) -> None:
+        """Read every tensor of `oid` and check its digest; raise `CorruptCheckpointError` if any fails."""
+        lazy = self.get(oid)
+        for k in lazy:
+            lazy[k]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.objects.glob("*.safetensors"))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install chronomerge with its test extras. Idempotent and offline
+# apart from the package registries. On x86_64 Linux it installs the torch 2.14.1 /
+# torchvision 0.29.1 pair (the CPU torch 2.13 wheel breaks torchvision's operators).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+LOG=.venv/install.log
+pins=()
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then pins=(torch==2.14.1 torchvision==0.29.1); fi
+if ! .venv/bin/python -c "import chronomerge, open_clip, prefect, mlflow, dvc, pytest, hypothesis" 2>/dev/null; then
+  echo "installing into .venv (log: $LOG) ..."
+  .venv/bin/pip install --disable-pip-version-check -q "${pins[@]}" -e ".[dev]" >"$LOG" 2>&1 \
+    || { grep -v "^WARNING: Location" "$LOG" | tail -30; exit 1; }
+fi
