@@ -63,6 +63,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file so that `path` holds either the whole file or nothing.
+
+    Temp file `.tmp-<pid>-<random>` beside `path`, fsync, rename, fsync of the directory.
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata or {}))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class CheckpointStore:
     """A directory of content-addressed safetensors checkpoints (see module docstring)."""
 
@@ -151,22 +176,7 @@ class CheckpointStore:
         if final.exists():
             return oid
         record = {"format": _FORMAT, "id": oid, "identity": identity, "tensors": table, "time": time.time()}
-        tmp = self.objects / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
-        try:
-            save_file(to_write, str(tmp), metadata={_META_KEY: _canonical(record)})
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dfd = os.open(self.objects, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_save(to_write, final, {_META_KEY: _canonical(record)})
         return oid
 
     # -- reading -----------------------------------------------------------------------------

@@ -222,3 +222,20 @@ def test_bf16_and_non_float_tensors_are_preserved():
     models = [{"w": torch.ones(3, dtype=torch.bfloat16), "step": torch.tensor([7])}]
     out = merge("average", base, models)
     assert out["w"].dtype == torch.bfloat16 and torch.equal(out["step"], torch.tensor([7]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.sampled_from([7, 1000, 70_000, 300_000]),
+       frac=st.floats(0.0, 1.0), largest=st.booleans(), levels=st.sampled_from([3, 1000, 0]))
+def test_selection_is_exact_including_ties(seed, n, frac, largest, levels):
+    from chronomerge.merge.sparsify import topk_mask
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g).abs()
+    if levels:
+        x = (x * levels).round()  # many ties
+    k = int(frac * n)
+    mask = topk_mask(x, k, largest=largest)
+    assert int(mask.sum()) == k
+    if 0 < k < n:
+        chosen, rest = x[mask], x[~mask]
+        assert (chosen.min() >= rest.max()) if largest else (chosen.max() <= rest.min())

@@ -130,13 +130,15 @@ def merge(
     *,
     weights: Sequence[float] | None = None,
     device: str | torch.device | None = None,
+    output_device: str | torch.device = "cpu",
     **hparams: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge `models` (state dicts or `LazyStateDict`s) over `base` with one registered technique.
 
     Streams one parameter at a time: a rule loads θ_i[key] from each model as it needs it, on
     `device` (GPU when present by default), so memory holds the merged result plus a few copies
-    of the largest tensor, whatever K is. Results are returned on the CPU in the base's dtype.
+    of the largest tensor, whatever K is. Results come back on `output_device` (the CPU by
+    default) in the base's dtype.
     Non-floating tensors must be equal in all models and are copied from the base.
     """
     hp = resolve_hparams(technique, hparams)
@@ -165,13 +167,14 @@ def merge(
     keys = list(base)
     prep = spec.prepare(keys, base, models, hp, dev) if spec.prepare else {}
     out: dict[str, torch.Tensor] = {}
-    for key in keys:
+    # Largest tensors first: their temporaries peak while the result is still small.
+    for key in sorted(keys, key=lambda k: -math.prod(shape_of(base, k))):
         b = base[key]
         if not b.dtype.is_floating_point:
             for i, m in enumerate(models):
                 if not torch.equal(m[key], b):
                     raise ValueError(f"non-floating tensor {key!r} differs between model {i} and the base")
-            out[key] = b.clone()
+            out[key] = b.to(output_device, copy=True)
             continue
         cdt = torch.float64 if b.dtype == torch.float64 else torch.float32
 
@@ -183,5 +186,6 @@ def merge(
             return None if f is None else f.to(dev, cdt)
 
         job = tq.TensorJob(key, b.to(dev, cdt), load, k, w, load_fisher, prep.get(key, {}))
-        out[key] = spec.rule(job, hp).to("cpu", b.dtype)
-    return out
+        out[key] = spec.rule(job, hp).to(output_device, b.dtype)
+        del job
+    return {key: out[key] for key in keys}

@@ -138,25 +138,27 @@ def combined_task_vector(job: TensorJob, hp: dict, sparsify: str | None, elect: 
 
     TIES consensus (Yadav et al. 2023, steps 2-3): s = sign(Σ_i τ̂_i) with zeros broken to +, then
     per entry the mean of the τ̂_i whose sign equals s (zero entries do not count; entries with no
-    agreeing model stay 0). Two streaming passes, so the τ̂_i are recomputed, never all held.
+    agreeing model stay 0). One streaming pass: positive and negative parts are summed and counted
+    separately, and Σ_i τ̂_i is their sum, so the τ̂_i are neither held nor recomputed.
     """
     if not elect:
         acc = torch.zeros_like(job.base)
         for i in range(job.k):
             acc.add_(_sparsified(job, i, hp, sparsify), alpha=job.weight(i))
         return acc
-    mass = torch.zeros_like(job.base)
-    for i in range(job.k):
-        mass.add_(_sparsified(job, i, hp, sparsify))
-    positive = mass >= 0
-    total = torch.zeros_like(job.base)
-    count = torch.zeros_like(job.base)
+    count_dtype = torch.uint8 if job.k < 256 else torch.int32
+    pos_sum, neg_sum = torch.zeros_like(job.base), torch.zeros_like(job.base)
+    pos_n = torch.zeros_like(job.base, dtype=count_dtype)
+    neg_n = torch.zeros_like(job.base, dtype=count_dtype)
     for i in range(job.k):
         tau = _sparsified(job, i, hp, sparsify)
-        agree = torch.where(positive, tau > 0, tau < 0)
-        total.add_(torch.where(agree, tau, torch.zeros_like(tau)))
-        count.add_(agree.to(count.dtype))
-    return total / count.clamp(min=1)
+        pos_sum.add_(tau.clamp(min=0))
+        neg_sum.add_(tau.clamp(max=0))
+        pos_n.add_(tau > 0)
+        neg_n.add_(tau < 0)
+        del tau
+    positive = (pos_sum + neg_sum) >= 0
+    return torch.where(positive, pos_sum / pos_n.clamp(min=1), neg_sum / neg_n.clamp(min=1))
 
 
 def task_vector_rule(sparsify: str | None, elect: bool) -> Callable[[TensorJob, dict], torch.Tensor]:
