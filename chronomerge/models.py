@@ -30,3 +30,9 @@ def create_model(name: str = TINY, pretrained: str | None = None, seed: int = 0)
         raise ValueError(f"unknown open_clip model {name!r}; known: {TINY!r} and open_clip.list_models()")
     torch.manual_seed(seed)
     return open_clip.create_model(name, pretrained=pretrained)
+
+
+def get_tokenizer(name: str = TINY):
+    """open_clip's tokenizer for `name` (context length from the model config)."""
+    register_embedded_configs()
+    return open_clip.get_tokenizer(name)

@@ -237,5 +237,22 @@ class CheckpointStore:
         for k in lazy:
             lazy[k]
 
+    # -- named references (e.g. a cached base model, a `latest` deployment) -------------------
+    def set_ref(self, name: str, oid: str) -> None:
+        """Point the name `name` at object `oid` (atomically replaced)."""
+        if oid not in self:
+            raise ValueError(f"cannot point ref {name!r} at {oid}: not in the store {self.root}")
+        refs = self.root / "refs"
+        refs.mkdir(exist_ok=True)
+        tmp = refs / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+        tmp.write_text(oid)
+        os.replace(tmp, refs / name)
+
+    def ref(self, name: str) -> str | None:
+        """The object a name points at, or None when unset or pointing at a missing object."""
+        path = self.root / "refs" / name
+        oid = path.read_text().strip() if path.exists() else None
+        return oid if oid and oid in self else None
+
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.objects.glob("*.safetensors"))

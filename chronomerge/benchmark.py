@@ -1,0 +1,46 @@
+"""The embedded benchmark's base model: pretrained once on the pretraining pool, cached in the store.
+
+The cache key is the pretraining recipe (model, seed, data digest, training config), so a
+changed recipe pretrains again and an unchanged one reuses the stored base.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+
+from chronomerge.data import catalog, load_split
+from chronomerge.data.generate import prepare
+from chronomerge.models import TINY, create_model, get_tokenizer
+from chronomerge.store import CheckpointStore
+from chronomerge.train import TrainConfig, pretrain
+
+PRETRAIN = TrainConfig(steps=1200, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=0.05)
+
+
+def load_model(store: CheckpointStore, oid: str, name: str = TINY) -> torch.nn.Module:
+    model = create_model(name)
+    model.load_state_dict(store.load(oid))
+    return model.eval()
+
+
+def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0, name: str = TINY,
+                cfg: TrainConfig = PRETRAIN, device: str = "cpu") -> str:
+    """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
+    digests = prepare(data_root, seed, [catalog.PRETRAIN.name])
+    recipe = {"model": name, "seed": seed, "data": digests[catalog.PRETRAIN.name],
+              "train": dataclasses.asdict(dataclasses.replace(cfg, progress=False))}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    ref = f"base-{key}"
+    if (oid := store.ref(ref)) is not None:
+        return oid
+    model = create_model(name, seed=seed)
+    result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
+                      dataclasses.replace(cfg, seed=seed), tokenizer=get_tokenizer(name), device=device)
+    oid = store.put(result.state, kind="base", data_digest=recipe["data"], technique="pretrain",
+                    hparams=recipe["train"], extra={"model": name, "seed": seed})
+    store.set_ref(ref, oid)
+    return oid

@@ -1,0 +1,110 @@
+"""The embedded benchmark's datasets: a pretraining pool, adaptation datasets, held-out evaluations.
+
+FoMo-in-Flux in miniature. The pretraining pool covers common concepts (the first shapes,
+objects and patterns) in common domains (photo, sketch, painting) with compositional captions.
+Adaptation datasets bring new concepts (letters, numerals, new shapes, objects and patterns,
+scikit-learn's real handwritten digits) and new domains (pixel art, inverted, low light, neon,
+blueprint, mosaic); two of them are caption-retrieval sets. Held-out evaluation datasets ask about
+pretraining concepts and attributes in new combinations; no stream trains on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chronomerge.data.render import COLOURS, COUNTS, LETTERS, NUMERALS, POSITIONS, SIZES
+
+BASE_SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "ring")
+BASE_OBJECTS = ("house", "tree", "car", "snowman")
+BASE_PATTERNS = ("stripes", "bars", "checkerboard", "dots")
+NEW_SHAPES_A = ("hexagon", "crescent", "heart", "arrow")
+NEW_SHAPES_B = ("pentagon", "semicircle", "octagon", "trapezoid", "lightning")
+NEW_OBJECTS_A = ("lollipop", "flag", "mushroom", "umbrella")
+NEW_OBJECTS_B = ("rocket", "cup", "sailboat", "key", "bell", "dumbbell")
+NEW_PATTERNS = ("grid", "zigzag", "waves", "target", "diagonal", "spiral")
+
+
+def letters(chars) -> tuple[str, ...]:
+    return tuple(f"letter {c}" for c in chars)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of the benchmark. `target` is what a class is: the concept or an attribute."""
+
+    name: str
+    role: str                       # pretrain | adaptation | eval
+    concepts: tuple[str, ...]
+    domains: tuple[str, ...]
+    target: str = "concept"         # concept | colour | count | position | size | digit
+    kind: str = "classification"    # classification | retrieval
+    n_train: int = 480
+    n_test: int = 160
+    colours: tuple[str, ...] = tuple(COLOURS)
+    sizes: tuple[str, ...] = ("medium", "large")
+    positions: tuple[str, ...] = ("center",)
+    counts: tuple[str, ...] = ("one",)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        if self.target == "concept":
+            from chronomerge.data.render import concept
+            return tuple(concept(c).name for c in self.concepts)
+        if self.target == "digit":
+            return tuple(f"handwritten digit {d}" for d in range(10))
+        return {"colour": self.colours, "count": self.counts, "position": self.positions,
+                "size": self.sizes}[self.target]
+
+
+_ALL_POS, _ALL_COUNT, _ALL_SIZE = tuple(POSITIONS), tuple(COUNTS), tuple(SIZES)
+
+PRETRAIN = DatasetSpec(
+    "pretrain-pool", "pretrain", BASE_SHAPES + BASE_OBJECTS + BASE_PATTERNS, ("photo", "sketch", "painting"),
+    n_train=8000, n_test=0, sizes=_ALL_SIZE, positions=_ALL_POS, counts=_ALL_COUNT)
+
+ADAPTATION = (
+    DatasetSpec("letters-photo", "adaptation", letters("ABCDEFGH"), ("photo",)),
+    DatasetSpec("letters-sketch", "adaptation", letters("JKLMNPRS"), ("sketch",)),
+    DatasetSpec("letters-painting", "adaptation", letters("TUVWXYZ"), ("painting",)),
+    DatasetSpec("numerals-pixel-art", "adaptation", tuple(f"numeral {d}" for d in NUMERALS), ("pixel art",),
+                sizes=("large",)),
+    DatasetSpec("handwritten-digits", "adaptation", (), ("real",), target="digit"),
+    DatasetSpec("new-shapes-photo", "adaptation", NEW_SHAPES_A, ("photo",)),
+    DatasetSpec("new-shapes-sketch", "adaptation", NEW_SHAPES_B, ("sketch",)),
+    DatasetSpec("new-objects-photo", "adaptation", NEW_OBJECTS_A, ("photo",)),
+    DatasetSpec("new-objects-painting", "adaptation", NEW_OBJECTS_B, ("painting",)),
+    DatasetSpec("new-patterns-photo", "adaptation", NEW_PATTERNS, ("photo",)),
+    DatasetSpec("shapes-pixel-art", "adaptation", BASE_SHAPES, ("pixel art",)),
+    DatasetSpec("shapes-inverted", "adaptation", BASE_SHAPES, ("inverted",)),
+    DatasetSpec("shapes-low-light", "adaptation", BASE_SHAPES, ("low light",)),
+    DatasetSpec("objects-neon", "adaptation", BASE_OBJECTS + NEW_OBJECTS_A[:2], ("neon",)),
+    DatasetSpec("shapes-blueprint", "adaptation", BASE_SHAPES + NEW_SHAPES_A[:1], ("blueprint",)),
+    DatasetSpec("patterns-mosaic", "adaptation", BASE_PATTERNS + NEW_PATTERNS[:2], ("mosaic",)),
+    DatasetSpec("new-shapes-neon", "adaptation", NEW_SHAPES_A + NEW_SHAPES_B[:2], ("neon",)),
+    DatasetSpec("new-objects-blueprint", "adaptation", NEW_OBJECTS_B[:4] + NEW_OBJECTS_A[2:], ("blueprint",)),
+    DatasetSpec("letters-inverted", "adaptation", letters("ACEGKMPT"), ("inverted",)),
+    DatasetSpec("counts-pixel-art", "adaptation", BASE_SHAPES, ("pixel art",), target="count",
+                counts=_ALL_COUNT, sizes=("small", "medium")),
+    DatasetSpec("colours-neon", "adaptation", BASE_SHAPES, ("neon",), target="colour"),
+    DatasetSpec("objects-mosaic-captions", "adaptation", NEW_OBJECTS_A + NEW_OBJECTS_B, ("mosaic",),
+                kind="retrieval", sizes=_ALL_SIZE, positions=_ALL_POS),
+    DatasetSpec("glyphs-low-light-captions", "adaptation", letters("BDFHJ") + NEW_SHAPES_B, ("low light",),
+                kind="retrieval", sizes=_ALL_SIZE, positions=_ALL_POS),
+)
+
+EVALUATION = (
+    DatasetSpec("eval-shapes-photo", "eval", BASE_SHAPES, ("photo",), n_train=0, n_test=240,
+                sizes=_ALL_SIZE, positions=_ALL_POS),
+    DatasetSpec("eval-objects-sketch", "eval", BASE_OBJECTS, ("sketch",), n_train=0, n_test=240, positions=_ALL_POS),
+    DatasetSpec("eval-patterns-painting", "eval", BASE_PATTERNS, ("painting",), n_train=0, n_test=240),
+    DatasetSpec("eval-colours", "eval", BASE_SHAPES + BASE_OBJECTS, ("photo", "painting"), target="colour",
+                n_train=0, n_test=240),
+    DatasetSpec("eval-counts", "eval", BASE_SHAPES, ("photo", "sketch"), target="count", n_train=0, n_test=240,
+                counts=_ALL_COUNT, sizes=("small", "medium")),
+    DatasetSpec("eval-positions", "eval", BASE_SHAPES + BASE_OBJECTS, ("photo", "painting"), target="position",
+                n_train=0, n_test=240, positions=("left", "right", "top", "bottom"), sizes=("small",)),
+    DatasetSpec("eval-sizes", "eval", BASE_SHAPES, ("sketch", "photo"), target="size", n_train=0, n_test=240,
+                sizes=("small", "large")),
+)
+
+ALL = {d.name: d for d in (PRETRAIN, *ADAPTATION, *EVALUATION)}

@@ -1,0 +1,226 @@
+"""Generation of the embedded benchmark's images, labels and captions, and its files under `data/`.
+
+Every dataset is drawn from `numpy.random.default_rng((seed, dataset index, split))`, class-balanced,
+and written once as `<root>/<name>/<split>.safetensors` (uint8 images, int64 labels) plus
+`<root>/<name>/meta.json` (class names, templates, captions); `<root>/manifest.json` lists each
+dataset's SHA-256 content digest so DVC and the pipeline can version them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chronomerge.data import catalog
+from chronomerge.data.catalog import DatasetSpec
+from chronomerge.data.render import COLOURS, COUNTS, DOMAIN_PHRASES, SIZE, concept, concept_mask, stylize
+
+POSITION_PHRASES = {"center": "in the middle", "left": "on the left", "right": "on the right",
+                    "top": "at the top", "bottom": "at the bottom"}
+FAMILY_NOUN = {"shape": "shape", "object": "object", "pattern": "pattern", "glyph": "character"}
+TEMPLATES = {
+    "concept": ("a {d} of a {c}.", "a {c}."),
+    "colour": ("a {d} of a {c} object.",),
+    "count": ("a {d} of {c} objects.",),
+    "position": ("a {d} of an object {c}.",),
+    "size": ("a {d} of a {c} object.",),
+    "digit": ("a scan of a {c}.", "a {c}."),
+}
+
+
+@dataclass
+class Split:
+    """Images (N×32×32×3 uint8), labels, class names, zero-shot templates and per-image captions."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    templates: list[str]
+    captions: list[str]
+    kind: str = "classification"
+
+
+def _plural(phrase: str) -> str:
+    return phrase + ("es" if phrase.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _describe(detail: str, colour: str, size: str, count: str, position: str) -> str:
+    n = COUNTS[count]
+    things = f"a {size} {colour} {detail}" if n == 1 else f"{count} {size} {colour} {_plural(detail)}"
+    return f"{things} {POSITION_PHRASES[position]}"
+
+
+def class_names(spec: DatasetSpec) -> list[str]:
+    if spec.target == "position":
+        return [POSITION_PHRASES[p] for p in spec.positions]
+    return list(spec.classes)
+
+
+def templates(spec: DatasetSpec) -> list[str]:
+    words = [DOMAIN_PHRASES[d][0] for d in spec.domains if d in DOMAIN_PHRASES] or ["scan"]
+    return sorted({t.format(d=w, c="{c}") for t in TEMPLATES[spec.target] for w in words})
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    d = load_digits()
+    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+
+
+def _digit_image(img8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    t = torch.from_numpy(img8)[None, None]
+    up = torch.nn.functional.interpolate(t, size=(SIZE - 4, SIZE - 4), mode="bilinear", align_corners=False)[0, 0]
+    canvas = np.zeros((SIZE, SIZE), np.float32)
+    oy, ox = rng.integers(0, 5, 2)
+    canvas[oy:oy + SIZE - 4, ox:ox + SIZE - 4] = up.numpy()
+    ink = rng.uniform(0.05, 0.3)
+    paper = rng.uniform(0.8, 0.95)
+    gray = paper - (paper - ink) * np.clip(canvas, 0, 1) + rng.normal(0, 0.02, canvas.shape)
+    return np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2)
+
+
+def _sample(spec: DatasetSpec, label: int, rng: np.random.Generator, pretrain: bool) -> tuple[np.ndarray, str]:
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    colour, size = pick(spec.colours), pick(spec.sizes)
+    position, count = pick(spec.positions), pick(spec.counts)
+    name = pick(spec.concepts) if spec.target != "concept" else spec.concepts[label]
+    if spec.target == "colour":
+        colour = spec.colours[label]
+    elif spec.target == "count":
+        count = spec.counts[label]
+    elif spec.target == "position":
+        position = spec.positions[label]
+    elif spec.target == "size":
+        size = spec.sizes[label]
+    c = concept(name)
+    domain = pick(spec.domains)
+    mask = concept_mask(c, size, position, COUNTS[count], rng)
+    img = stylize(mask, COLOURS[colour], domain, rng)
+    word, long_template = DOMAIN_PHRASES[domain]
+    caption = long_template.format(cap=_describe(c.detail, colour, size, count, position))
+    if pretrain:  # mix caption forms so class-name and attribute prompts are learnt too
+        noun = FAMILY_NOUN[c.family]
+        forms = [caption, f"a {word} of a {colour} {c.name}.", f"a {word} of a {c.name}.",
+                 f"a {word} of a {colour} object.", f"a {word} of {count} objects.",
+                 f"a {word} of an object {POSITION_PHRASES[position]}.", f"a {word} of a {size} object.",
+                 f"a {word} of a {size} {colour} {noun}."]
+        caption = pick(forms)
+    return img, caption
+
+
+def split_size(spec: DatasetSpec, split: str, size_factor: float = 1.0) -> int:
+    """Images in a split: the catalog's count times `size_factor`, at least one per class."""
+    n = spec.n_train if split == "train" else spec.n_test
+    return 0 if n == 0 else max(len(spec.classes), int(round(n * size_factor)))
+
+
+def generate(spec: DatasetSpec, split: str, seed: int, size_factor: float = 1.0) -> Split:
+    """Draw one split of one dataset, deterministically from (seed, dataset, split, size)."""
+    index = list(catalog.ALL).index(spec.name)
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    n = split_size(spec, split, size_factor)
+    classes = class_names(spec)
+    labels = np.arange(n, dtype=np.int64) % len(classes)
+    rng.shuffle(labels)
+    images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
+    captions = []
+    if spec.target == "digit":
+        pics, targets = _digits()
+        # train and test draw from disjoint halves of the 1,797 scans
+        half = np.arange(len(targets)) % 2 == (0 if split == "train" else 1)
+        pools = {d: np.flatnonzero(half & (targets == d)) for d in range(10)}
+        for i, y in enumerate(labels):
+            img = _digit_image(pics[int(rng.choice(pools[int(y)]))], rng)
+            images[i] = np.round(img * 255)
+            captions.append(f"a scan of a handwritten digit {int(y)} on paper")
+    else:
+        for i, y in enumerate(labels):
+            img, cap = _sample(spec, int(y), rng, pretrain=spec.role == "pretrain")
+            images[i] = np.round(img * 255)
+            captions.append(cap)
+    return Split(images, labels, classes, templates(spec) if spec.role != "pretrain" else [], captions, spec.kind)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_split(split: Split, path: Path) -> None:
+    from chronomerge.store import atomic_save
+
+    atomic_save({"images": torch.from_numpy(split.images), "labels": torch.from_numpy(split.labels)}, path)
+
+
+def dataset_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            h.update(p.name.encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = None,
+            size_factor: float = 1.0) -> dict[str, str]:
+    """Write every dataset (or `names`) under `root` unless present and intact with the same seed and
+    size; return `{name: content digest}` of everything under `root`."""
+    if not 0 < size_factor <= 10:
+        raise ValueError(f"size_factor={size_factor!r} is not allowed; expected a number in (0, 10]")
+    unknown = sorted(set(names or []) - set(catalog.ALL))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(catalog.ALL)}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if (manifest.get("seed"), manifest.get("size_factor", 1.0)) != (seed, size_factor):
+        manifest = {}
+    digests = dict(manifest.get("datasets", {}))
+    for name in names or list(catalog.ALL):
+        spec = catalog.ALL[name]
+        folder = root / name
+        if name in digests and folder.exists() and dataset_digest(folder) == digests[name]:
+            continue
+        folder.mkdir(exist_ok=True)
+        meta = {"name": name, "role": spec.role, "kind": spec.kind, "target": spec.target,
+                "domains": list(spec.domains), "seed": seed, "splits": {}}
+        for split in ("train", "test"):
+            if split_size(spec, split) == 0:
+                continue
+            s = generate(spec, split, seed, size_factor)
+            write_split(s, folder / f"{split}.safetensors")
+            meta["classes"], meta["templates"] = s.classes, s.templates
+            meta["splits"][split] = {"n": len(s.labels), "captions": s.captions}
+        _atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=0).encode())
+        digests[name] = dataset_digest(folder)
+    _atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests},
+                                                  indent=1).encode())
+    return digests
+
+
+def load_split(root: str | os.PathLike, name: str, split: str) -> Split:
+    """Read one split written by `prepare` (safetensors and JSON only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(root) / name
+    if not (folder / "meta.json").exists():
+        raise FileNotFoundError(f"dataset {name!r} is not prepared under {root} (run prepare)")
+    meta = json.loads((folder / "meta.json").read_text())
+    if split not in meta["splits"]:
+        raise ValueError(f"dataset {name!r} has no {split!r} split; it has {sorted(meta['splits'])}")
+    t = load_file(folder / f"{split}.safetensors")
+    return Split(t["images"].numpy(), t["labels"].numpy(), meta["classes"], meta["templates"],
+                 meta["splits"][split]["captions"], meta["kind"])

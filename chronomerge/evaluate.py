@@ -1,0 +1,113 @@
+"""Evaluation: zero-shot classification, retrieval recall@5, A_KA / A_ZS / GM, ACC and BWT.
+
+Conventions (../shared/METHODS.md): A_KA is the mean score over the adaptation datasets, A_ZS over
+the held-out evaluation datasets, a score being top-1 zero-shot accuracy or, for retrieval sets,
+the mean of image→text and text→image recall@5; GM = √(A_KA·A_ZS). With an accuracy matrix
+R[t][i] (score on task i after step t), ACC = mean_i R[T][i] and BWT = mean_{i<T} (R[T][i] − R[i][i]).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import open_clip
+import torch
+
+from chronomerge.data import Split
+
+MEAN, STD = 0.5, 0.25
+
+
+def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 N×H×W×3 → normalised float N×3×H×W."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+
+
+@torch.no_grad()
+def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        with _autocast(device):
+            out.append(model.encode_image(to_tensor(images[i:i + batch_size], device), normalize=True).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 1024) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        with _autocast(device):
+            out.append(model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float())
+    return torch.cat(out)
+
+
+def _autocast(device):
+    dev = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def text_head(model, tokenizer, classes: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
+    """Zero-shot classifier weights (embed_dim × classes), via open_clip's builder."""
+    return open_clip.build_zero_shot_classifier(
+        model, tokenizer=tokenizer, classnames=list(classes),
+        templates=[(lambda c, t=t: t.format(c=c)) for t in templates],
+        num_classes_per_batch=None, device=device, use_tqdm=False).float()
+
+
+def zero_shot_accuracy(model, tokenizer, split: Split, device, head: torch.Tensor | None = None) -> float:
+    head = text_head(model, tokenizer, split.classes, split.templates, device) if head is None else head
+    feats = encode_images(model, split.images, device)
+    pred = (feats @ head).argmax(1).cpu().numpy()
+    return float((pred == split.labels).mean())
+
+
+def retrieval_recall(model, tokenizer, split: Split, device, k: int = 5) -> float:
+    """Mean of image→text and text→image recall@k; identical captions count as the same text."""
+    texts, owner = np.unique(np.asarray(split.captions), return_inverse=True)
+    img = encode_images(model, split.images, device)
+    txt = encode_texts(model, tokenizer, list(texts), device)
+    sim = img @ txt.T
+    owner_t = torch.from_numpy(owner).to(sim.device)
+    top_t = sim.topk(min(k, len(texts)), dim=1).indices
+    i2t = (top_t == owner_t[:, None]).any(1).float().mean()
+    top_i = sim.T.topk(min(k, len(split.images)), dim=1).indices
+    t2i = (owner_t[top_i] == torch.arange(len(texts), device=sim.device)[:, None]).any(1).float().mean()
+    return float((i2t + t2i) / 2)
+
+
+@torch.no_grad()
+def score(model, tokenizer, split: Split, device) -> float:
+    """A dataset's score: accuracy for classification, recall@5 for retrieval."""
+    model.eval()
+    if split.kind == "retrieval":
+        return retrieval_recall(model, tokenizer, split, device)
+    return zero_shot_accuracy(model, tokenizer, split, device)
+
+
+def evaluate(model, tokenizer, splits: Mapping[str, Split], device) -> dict[str, float]:
+    return {name: score(model, tokenizer, s, device) for name, s in splits.items()}
+
+
+def summarize(scores: Mapping[str, float], adaptation: Sequence[str], held_out: Sequence[str]) -> dict[str, float]:
+    """A_KA, A_ZS and their geometric mean GM (TIME, Sec. 3)."""
+    a_ka = float(np.mean([scores[n] for n in adaptation])) if adaptation else float("nan")
+    a_zs = float(np.mean([scores[n] for n in held_out])) if held_out else float("nan")
+    return {"A_KA": a_ka, "A_ZS": a_zs, "GM": math.sqrt(max(a_ka, 0) * max(a_zs, 0))}
+
+
+def acc_bwt(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
+    """ACC and BWT of an accuracy matrix R[t][i] (rows: after step t; columns: task i)."""
+    r = np.asarray(matrix, dtype=float)
+    t = r.shape[0]
+    if r.shape != (t, t):
+        raise ValueError(f"accuracy matrix must be square (steps × tasks), got {r.shape}")
+    bwt = float(np.mean([r[-1, i] - r[i, i] for i in range(t - 1)])) if t > 1 else 0.0
+    return {"ACC": float(r[-1].mean()), "BWT": bwt}
+
+
+def chance(splits: Mapping[str, Split]) -> float:
+    """Mean chance score of classification splits (1 / number of classes)."""
+    vals = [1.0 / len(s.classes) for s in splits.values() if s.kind == "classification"]
+    return float(np.mean(vals))

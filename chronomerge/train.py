@@ -1,0 +1,186 @@
+"""Fine-tuning: CLIP contrastive (whole model, as TIME) or vision-only against a frozen zero-shot
+text head (as OPCM and CMM), with AdamW, a cosine schedule after a linear warm-up, grad-norm
+clipping, and replay of the pretraining pool and of earlier tasks.
+
+Seeded and deterministic on the CPU (batches are drawn from a `torch.Generator`); bf16 autocast
+and optional `torch.compile` on a GPU. Returns the trained weights and AdamW's `exp_avg_sq`
+(a diagonal Fisher estimate for CMM's merge).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chronomerge.data import Split
+from chronomerge.evaluate import to_tensor
+
+TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 60
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: float = 0.1
+    grad_clip: float = 1.0
+    mode: str = "clip"              # clip | vision
+    train_text: bool = True
+    replay_pretrain: float = 0.0    # fraction of each batch drawn from the pretraining pool
+    replay_previous: float = 0.0    # fraction of each batch drawn from earlier tasks
+    seed: int = 0
+    bf16: bool = True               # autocast on a GPU
+    compile: bool = False           # torch.compile on a GPU
+    progress: bool = False
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` fraction of steps, then cosine decay to 0."""
+    warm = max(1, int(round(cfg.warmup * cfg.steps)))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def is_text_param(name: str) -> bool:
+    return name.startswith(TEXT_PREFIXES)
+
+
+def _batch_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(n, (k,), generator=gen)
+
+
+def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, device="cpu",
+          replay_pool: Split | None = None, previous: Sequence[Split] = (),
+          head: torch.Tensor | None = None) -> TrainResult:
+    """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
+
+    `mode="clip"`: symmetric InfoNCE between images and their captions (text tower trained unless
+    `train_text=False`). `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's
+    classes with the text tower frozen; `head` defaults to the zero-shot head of `model` as given.
+    """
+    if cfg.mode not in ("clip", "vision"):
+        raise ValueError(f"train.mode={cfg.mode!r} is not allowed; expected one of ['clip', 'vision']")
+    if cfg.mode == "vision" and (cfg.replay_pretrain or cfg.replay_previous):
+        raise ValueError("replay needs captions: use it with train.mode='clip'")
+    if cfg.replay_pretrain + cfg.replay_previous >= 1:
+        raise ValueError("train.replay_pretrain + train.replay_previous must be < 1")
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(dev)
+    train_text = cfg.train_text and cfg.mode == "clip"
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_text or not is_text_param(name))
+    if cfg.mode == "vision" and head is None:
+        from chronomerge.evaluate import text_head
+        head = text_head(model, tokenizer, task.classes, task.templates, dev)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for n, p in params.items() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=dev.type == "cuda")
+    step_fn = _clip_step if cfg.mode == "clip" else _vision_step
+    fwd = torch.compile(model) if (cfg.compile and dev.type == "cuda") else model
+    sources = [(task, 1 - cfg.replay_pretrain - (cfg.replay_previous if previous else 0.0))]
+    if replay_pool is not None and cfg.replay_pretrain:
+        sources.append((replay_pool, cfg.replay_pretrain))
+    if previous and cfg.replay_previous:
+        merged_prev = Split(np.concatenate([p.images for p in previous]), np.concatenate([p.labels for p in previous]),
+                            [], [], [c for p in previous for c in p.captions])
+        sources.append((merged_prev, cfg.replay_previous))
+    counts = _split_counts(cfg.batch_size, [w for _, w in sources])
+    model.train()
+    losses = []
+    bar = _progress(cfg)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        imgs, caps, labels = [], [], []
+        for (src, _), k in zip(sources, counts):
+            if k == 0:
+                continue
+            idx = _batch_indices(len(src.images), k, gen).numpy()
+            imgs.append(src.images[idx])
+            caps += [src.captions[i] for i in idx]
+            labels.append(src.labels[idx])
+        x = to_tensor(np.concatenate(imgs), dev)
+        with (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and cfg.bf16
+              else torch.autocast("cpu", enabled=False)):
+            if cfg.mode == "clip":
+                loss = step_fn(fwd, x, tokenizer(caps).to(dev))
+            else:
+                loss = step_fn(fwd, x, torch.from_numpy(np.concatenate(labels)).to(dev), head)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    names = {id(p): n for n, p in model.named_parameters()}
+    exp_avg_sq = {names[id(p)]: s["exp_avg_sq"].detach().float().cpu().clone()
+                  for p, s in opt.state.items() if "exp_avg_sq" in s}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainResult(state, exp_avg_sq, losses, secs, cfg.steps * cfg.batch_size / max(secs, 1e-9))
+
+
+def _split_counts(batch: int, weights: list[float]) -> list[int]:
+    counts = [int(round(batch * w)) for w in weights]
+    counts[0] = batch - sum(counts[1:])
+    return counts
+
+
+def _progress(cfg: TrainConfig):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.steps, desc=f"train ({cfg.mode})", leave=False)
+
+
+def _clip_step(model, x, tokens) -> torch.Tensor:
+    img = model.encode_image(x, normalize=True)
+    txt = model.encode_text(tokens, normalize=True)
+    logits = model.logit_scale.exp() * img @ txt.T
+    target = torch.arange(len(x), device=x.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _vision_step(model, x, labels, head) -> torch.Tensor:
+    img = model.encode_image(x, normalize=True)
+    logits = model.logit_scale.exp().detach() * img @ head.to(img.dtype)
+    return F.cross_entropy(logits, labels)
+
+
+def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainConfig, *, tokenizer, device="cpu") -> TrainResult:
+    """Contrastive pretraining of the embedded base model on the pretraining pool's captions."""
+    if cfg.mode != "clip":
+        raise ValueError("pretraining is contrastive: train.mode must be 'clip'")
+    return train(model, pool, cfg, tokenizer=tokenizer, device=device)

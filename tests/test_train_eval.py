@@ -1,0 +1,124 @@
+"""Training (contrastive and vision-only) and evaluation metrics on the tiny open_clip model."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chronomerge.data import catalog
+from chronomerge.data.generate import Split, generate
+from chronomerge.evaluate import acc_bwt, chance, retrieval_recall, summarize, zero_shot_accuracy
+from chronomerge.models import create_model, get_tokenizer
+from chronomerge.train import TrainConfig, is_text_param, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task():
+    return generate(catalog.ALL["new-shapes-photo"], "train", 0, size_factor=0.2)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.1)
+    assert [round(lr_at(s, cfg), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(55, cfg) == pytest.approx(0.5)
+    assert lr_at(99, cfg) < 0.001
+
+
+def test_contrastive_training_lowers_the_loss_and_is_deterministic(task, tok):
+    cfg = TrainConfig(steps=12, batch_size=32, lr=1e-3)
+    a, b = create_model(seed=0), create_model(seed=0)
+    ra = train(a, task, cfg, tokenizer=tok)
+    rb = train(b, task, cfg, tokenizer=tok)
+    assert all(torch.equal(ra.state[k], rb.state[k]) for k in ra.state)
+    assert np.mean(ra.losses[-3:]) < np.mean(ra.losses[:3])
+    assert set(ra.exp_avg_sq) == {n for n, _ in a.named_parameters()}
+    assert all((v >= 0).all() for v in ra.exp_avg_sq.values())
+
+
+def test_vision_only_training_keeps_the_text_tower_and_fits_the_task(task, tok):
+    model = create_model(seed=0)
+    before = copy.deepcopy(model.state_dict())
+    acc0 = zero_shot_accuracy(model, tok, task, "cpu")
+    res = train(model, task, TrainConfig(steps=60, batch_size=32, lr=2e-3, mode="vision"), tokenizer=tok)
+    for k, v in res.state.items():
+        if is_text_param(k):
+            assert torch.equal(v, before[k]), k
+    assert not torch.equal(res.state["visual.proj"], before["visual.proj"])
+    assert not any(is_text_param(k) for k in res.exp_avg_sq)
+    assert zero_shot_accuracy(model, tok, task, "cpu") > acc0 + 0.2
+
+
+def test_frozen_text_tower_in_contrastive_mode(task, tok):
+    model = create_model(seed=0)
+    before = model.state_dict()["token_embedding.weight"].clone()
+    train(model, task, TrainConfig(steps=3, batch_size=16, train_text=False), tokenizer=tok)
+    assert torch.equal(model.state_dict()["token_embedding.weight"], before)
+
+
+def test_replay_mixes_in_the_pretraining_pool(task, tok):
+    pool = generate(catalog.PRETRAIN, "train", 0, size_factor=0.01)
+    model = create_model(seed=0)
+    res = train(model, task, TrainConfig(steps=3, batch_size=16, replay_pretrain=0.25, replay_previous=0.25),
+                tokenizer=tok, replay_pool=pool, previous=[task])
+    assert len(res.losses) == 3 and all(math.isfinite(x) for x in res.losses)
+
+
+@pytest.mark.parametrize("cfg,pattern", [
+    (TrainConfig(mode="lora"), r"train.mode='lora'"),
+    (TrainConfig(mode="vision", replay_pretrain=0.2), "replay needs captions"),
+    (TrainConfig(replay_pretrain=0.6, replay_previous=0.5), "must be < 1"),
+])
+def test_bad_training_config(cfg, pattern, task, tok):
+    with pytest.raises(ValueError, match=pattern):
+        train(create_model(), task, cfg, tokenizer=tok)
+
+
+def test_metrics():
+    r = [[0.9, 0.1, 0.2], [0.7, 0.8, 0.1], [0.5, 0.6, 0.9]]
+    m = acc_bwt(r)
+    assert m["ACC"] == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    with pytest.raises(ValueError, match="square"):
+        acc_bwt([[1, 2]])
+    s = summarize({"a": 0.2, "b": 0.4, "z": 0.8}, ["a", "b"], ["z"])
+    assert s["A_KA"] == pytest.approx(0.3) and s["A_ZS"] == 0.8 and s["GM"] == pytest.approx(math.sqrt(0.24))
+    splits = {"x": Split(np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64), ["a", "b"], [], [""]),
+              "y": Split(np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64), ["a", "b", "c", "d"], [], [""])}
+    assert chance(splits) == pytest.approx(0.375)
+
+
+def test_retrieval_recall_of_a_perfect_and_a_random_encoder(tok):
+    split = generate(catalog.ALL["objects-mosaic-captions"], "test", 0, size_factor=0.25)
+
+    class Oracle(torch.nn.Module):
+        """Encodes an image and its caption to the same one-hot vector."""
+
+        def __init__(self, captions):
+            super().__init__()
+            self.ids = {c: i for i, c in enumerate(sorted(set(captions)))}
+            self.images = {split.images[i].tobytes(): self.ids[c] for i, c in enumerate(captions)}
+            self.dim = len(self.ids)
+
+        def encode_image(self, x, normalize=True):
+            raw = np.round(((x.permute(0, 2, 3, 1) * 0.25 + 0.5) * 255).numpy()).astype(np.uint8)
+            return torch.nn.functional.one_hot(torch.tensor([self.images[r.tobytes()] for r in raw]), self.dim).float()
+
+        def encode_text(self, tokens, normalize=True):
+            return torch.nn.functional.one_hot(torch.tensor(self._last), self.dim).float()
+
+    oracle = Oracle(split.captions)
+    texts = sorted(set(split.captions))
+
+    def tokenizer(batch):
+        oracle._last = [oracle.ids[t] for t in batch]
+        return torch.zeros(len(batch), 1)
+
+    assert retrieval_recall(oracle, tokenizer, split, "cpu") == 1.0
+    assert len(texts) > 10
+    assert retrieval_recall(create_model(seed=0), tok, split, "cpu") < 0.7
