@@ -83,7 +83,6 @@ def bench_techniques(model: str, ks: list[int], device: str, techniques: list[st
                          "ratio_to_average": secs / avg_t, "cuda_peak_bytes": peak})
             print(f"{device:5s} K={len(ms)} {name:17s} {secs * 1e3:10.1f} ms  x{secs / avg_t:6.2f} avg"
                   + (f"  peak {peak / 2**30:.2f} GiB" if peak else ""), flush=True)
-    del base, experts
     return rows
 
 
@@ -153,7 +152,6 @@ def bench_streamed(model: str, ks: list[int], techniques: list[str], workdir: Pa
     save_file(base, workdir / "base.safetensors")
     for i, e in enumerate(experts):
         save_file(e, workdir / f"expert-{i:02d}.safetensors")
-    del base, experts
     rows = []
     for name in techniques:
         for k in ks:

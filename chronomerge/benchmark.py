@@ -18,7 +18,7 @@ from chronomerge.models import TINY, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore
 from chronomerge.train import TrainConfig, pretrain
 
-PRETRAIN = TrainConfig(steps=1200, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=0.05)
+PRETRAIN = TrainConfig(steps=3000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=0.05)
 
 
 def load_model(store: CheckpointStore, oid: str, name: str = TINY) -> torch.nn.Module:

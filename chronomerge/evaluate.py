@@ -19,10 +19,13 @@ from chronomerge.data import Split
 MEAN, STD = 0.5, 0.25
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W×3 → normalised float N×3×H×W, on the images' device."""
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+
+
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 N×H×W×3 → normalised float N×3×H×W."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+    return normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device))
 
 
 @torch.no_grad()

@@ -167,3 +167,16 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "d.csv").write_text("path,label\nimg/0.png,Cat\nimg/1.png,cat\n")
     with pytest.raises(ValueError, match="duplicate class name"):
         manifest(tmp_path / "d.csv")
+
+
+def test_a_changed_recipe_regenerates_the_dataset(tmp_path, monkeypatch):
+    import chronomerge.data.generate as gen
+    name = catalog.ADAPTATION[0].name
+    prepare(tmp_path, names=[name], size_factor=SMALL)
+    path = tmp_path / name / "train.safetensors"
+    mtime = path.stat().st_mtime_ns
+    prepare(tmp_path, names=[name], size_factor=SMALL)
+    assert path.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(gen, "GENERATOR_VERSION", "test")
+    prepare(tmp_path, names=[name], size_factor=SMALL)
+    assert path.stat().st_mtime_ns != mtime

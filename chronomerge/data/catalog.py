@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chronomerge.data.render import COLOURS, COUNTS, LETTERS, NUMERALS, POSITIONS, SIZES
+from chronomerge.data.render import COLOURS, COUNTS, NUMERALS, POSITIONS, SIZES
 
 BASE_SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "ring")
 BASE_OBJECTS = ("house", "tree", "car", "snowman")
@@ -60,13 +60,13 @@ _ALL_POS, _ALL_COUNT, _ALL_SIZE = tuple(POSITIONS), tuple(COUNTS), tuple(SIZES)
 
 PRETRAIN = DatasetSpec(
     "pretrain-pool", "pretrain", BASE_SHAPES + BASE_OBJECTS + BASE_PATTERNS, ("photo", "sketch", "painting"),
-    n_train=8000, n_test=0, sizes=_ALL_SIZE, positions=_ALL_POS, counts=_ALL_COUNT)
+    n_train=20000, n_test=0)
 
 ADAPTATION = (
-    DatasetSpec("letters-photo", "adaptation", letters("ABCDEFGH"), ("photo",)),
-    DatasetSpec("letters-sketch", "adaptation", letters("JKLMNPRS"), ("sketch",)),
-    DatasetSpec("letters-painting", "adaptation", letters("TUVWXYZ"), ("painting",)),
-    DatasetSpec("numerals-pixel-art", "adaptation", tuple(f"numeral {d}" for d in NUMERALS), ("pixel art",),
+    DatasetSpec("letters-photo", "adaptation", letters("ABCDEF"), ("photo",), sizes=("large",)),
+    DatasetSpec("letters-sketch", "adaptation", letters("JKLMNP"), ("sketch",), sizes=("large",)),
+    DatasetSpec("letters-painting", "adaptation", letters("TUVWXY"), ("painting",), sizes=("large",)),
+    DatasetSpec("numerals-neon", "adaptation", tuple(f"numeral {d}" for d in NUMERALS[:6]), ("neon",),
                 sizes=("large",)),
     DatasetSpec("handwritten-digits", "adaptation", (), ("real",), target="digit"),
     DatasetSpec("new-shapes-photo", "adaptation", NEW_SHAPES_A, ("photo",)),
@@ -74,15 +74,16 @@ ADAPTATION = (
     DatasetSpec("new-objects-photo", "adaptation", NEW_OBJECTS_A, ("photo",)),
     DatasetSpec("new-objects-painting", "adaptation", NEW_OBJECTS_B, ("painting",)),
     DatasetSpec("new-patterns-photo", "adaptation", NEW_PATTERNS, ("photo",)),
-    DatasetSpec("shapes-pixel-art", "adaptation", BASE_SHAPES, ("pixel art",)),
-    DatasetSpec("shapes-inverted", "adaptation", BASE_SHAPES, ("inverted",)),
+    DatasetSpec("new-shapes-pixel-art", "adaptation", NEW_SHAPES_A + NEW_SHAPES_B[:1], ("pixel art",),
+                sizes=("large",)),
+    DatasetSpec("new-shapes-inverted", "adaptation", NEW_SHAPES_B, ("inverted",)),
     DatasetSpec("shapes-low-light", "adaptation", BASE_SHAPES, ("low light",)),
     DatasetSpec("objects-neon", "adaptation", BASE_OBJECTS + NEW_OBJECTS_A[:2], ("neon",)),
     DatasetSpec("shapes-blueprint", "adaptation", BASE_SHAPES + NEW_SHAPES_A[:1], ("blueprint",)),
-    DatasetSpec("patterns-mosaic", "adaptation", BASE_PATTERNS + NEW_PATTERNS[:2], ("mosaic",)),
+    DatasetSpec("new-shapes-mosaic", "adaptation", NEW_SHAPES_A + NEW_SHAPES_B[:2], ("mosaic",), sizes=("large",)),
     DatasetSpec("new-shapes-neon", "adaptation", NEW_SHAPES_A + NEW_SHAPES_B[:2], ("neon",)),
     DatasetSpec("new-objects-blueprint", "adaptation", NEW_OBJECTS_B[:4] + NEW_OBJECTS_A[2:], ("blueprint",)),
-    DatasetSpec("letters-inverted", "adaptation", letters("ACEGKMPT"), ("inverted",)),
+    DatasetSpec("letters-inverted", "adaptation", letters("GHRSTZ"), ("inverted",), sizes=("large",)),
     DatasetSpec("counts-pixel-art", "adaptation", BASE_SHAPES, ("pixel art",), target="count",
                 counts=_ALL_COUNT, sizes=("small", "medium")),
     DatasetSpec("colours-neon", "adaptation", BASE_SHAPES, ("neon",), target="colour"),
@@ -93,18 +94,14 @@ ADAPTATION = (
 )
 
 EVALUATION = (
-    DatasetSpec("eval-shapes-photo", "eval", BASE_SHAPES, ("photo",), n_train=0, n_test=240,
-                sizes=_ALL_SIZE, positions=_ALL_POS),
-    DatasetSpec("eval-objects-sketch", "eval", BASE_OBJECTS, ("sketch",), n_train=0, n_test=240, positions=_ALL_POS),
-    DatasetSpec("eval-patterns-painting", "eval", BASE_PATTERNS, ("painting",), n_train=0, n_test=240),
+    DatasetSpec("eval-shapes-photo", "eval", BASE_SHAPES, ("photo",), n_train=0, n_test=240),
+    DatasetSpec("eval-shapes-sketch", "eval", BASE_SHAPES, ("sketch",), n_train=0, n_test=240),
+    DatasetSpec("eval-objects-sketch", "eval", BASE_OBJECTS, ("sketch",), n_train=0, n_test=240),
+    DatasetSpec("eval-objects-painting", "eval", BASE_OBJECTS, ("painting",), n_train=0, n_test=240),
+    DatasetSpec("eval-patterns-photo", "eval", BASE_PATTERNS, ("photo", "painting"), n_train=0, n_test=240),
     DatasetSpec("eval-colours", "eval", BASE_SHAPES + BASE_OBJECTS, ("photo", "painting"), target="colour",
                 n_train=0, n_test=240),
-    DatasetSpec("eval-counts", "eval", BASE_SHAPES, ("photo", "sketch"), target="count", n_train=0, n_test=240,
-                counts=_ALL_COUNT, sizes=("small", "medium")),
-    DatasetSpec("eval-positions", "eval", BASE_SHAPES + BASE_OBJECTS, ("photo", "painting"), target="position",
-                n_train=0, n_test=240, positions=("left", "right", "top", "bottom"), sizes=("small",)),
-    DatasetSpec("eval-sizes", "eval", BASE_SHAPES, ("sketch", "photo"), target="size", n_train=0, n_test=240,
-                sizes=("small", "large")),
+    DatasetSpec("eval-sizes", "eval", BASE_SHAPES, ("sketch", "photo"), target="size", n_train=0, n_test=240),
 )
 
 ALL = {d.name: d for d in (PRETRAIN, *ADAPTATION, *EVALUATION)}

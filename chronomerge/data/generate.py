@@ -20,9 +20,9 @@ from chronomerge.data import catalog
 from chronomerge.data.catalog import DatasetSpec
 from chronomerge.data.render import COLOURS, COUNTS, DOMAIN_PHRASES, SIZE, concept, concept_mask, stylize
 
+GENERATOR_VERSION = "2"  # bump when rendering or captioning changes what a spec produces
 POSITION_PHRASES = {"center": "in the middle", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
-FAMILY_NOUN = {"shape": "shape", "object": "object", "pattern": "pattern", "glyph": "character"}
 TEMPLATES = {
     "concept": ("a {d} of a {c}.", "a {c}."),
     "colour": ("a {d} of a {c} object.",),
@@ -104,12 +104,9 @@ def _sample(spec: DatasetSpec, label: int, rng: np.random.Generator, pretrain: b
     img = stylize(mask, COLOURS[colour], domain, rng)
     word, long_template = DOMAIN_PHRASES[domain]
     caption = long_template.format(cap=_describe(c.detail, colour, size, count, position))
-    if pretrain:  # mix caption forms so class-name and attribute prompts are learnt too
-        noun = FAMILY_NOUN[c.family]
+    if pretrain:  # mix caption forms so that class-name and attribute prompts are learnt too
         forms = [caption, f"a {word} of a {colour} {c.name}.", f"a {word} of a {c.name}.",
-                 f"a {word} of a {colour} object.", f"a {word} of {count} objects.",
-                 f"a {word} of an object {POSITION_PHRASES[position]}.", f"a {word} of a {size} object.",
-                 f"a {word} of a {size} {colour} {noun}."]
+                 f"a {word} of a {c.name}.", f"a {word} of a {colour} object.", f"a {word} of a {size} object."]
         caption = pick(forms)
     return img, caption
 
@@ -175,8 +172,8 @@ def dataset_digest(folder: Path) -> str:
 
 def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = None,
             size_factor: float = 1.0) -> dict[str, str]:
-    """Write every dataset (or `names`) under `root` unless present and intact with the same seed and
-    size; return `{name: content digest}` of everything under `root`."""
+    """Write every dataset (or `names`) under `root` unless present and intact with the same seed,
+    size and recipe (its catalog entry and `GENERATOR_VERSION`); return `{name: content digest}`."""
     if not 0 < size_factor <= 10:
         raise ValueError(f"size_factor={size_factor!r} is not allowed; expected a number in (0, 10]")
     unknown = sorted(set(names or []) - set(catalog.ALL))
@@ -189,10 +186,13 @@ def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = No
     if (manifest.get("seed"), manifest.get("size_factor", 1.0)) != (seed, size_factor):
         manifest = {}
     digests = dict(manifest.get("datasets", {}))
+    recipes = dict(manifest.get("recipes", {}))
     for name in names or list(catalog.ALL):
         spec = catalog.ALL[name]
         folder = root / name
-        if name in digests and folder.exists() and dataset_digest(folder) == digests[name]:
+        recipe = hashlib.sha256(f"{GENERATOR_VERSION}|{spec!r}".encode()).hexdigest()
+        if (name in digests and recipes.get(name) == recipe and folder.exists()
+                and dataset_digest(folder) == digests[name]):
             continue
         folder.mkdir(exist_ok=True)
         meta = {"name": name, "role": spec.role, "kind": spec.kind, "target": spec.target,
@@ -205,9 +205,9 @@ def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = No
             meta["classes"], meta["templates"] = s.classes, s.templates
             meta["splits"][split] = {"n": len(s.labels), "captions": s.captions}
         _atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=0).encode())
-        digests[name] = dataset_digest(folder)
-    _atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests},
-                                                  indent=1).encode())
+        digests[name], recipes[name] = dataset_digest(folder), recipe
+    _atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests,
+                                                   "recipes": recipes}, indent=1).encode())
     return digests
 
 

@@ -221,7 +221,6 @@ SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross", "ring", "h
 OBJECTS = ["house", "tree", "car", "snowman", "lollipop", "flag", "mushroom", "umbrella", "rocket", "cup",
            "sailboat", "key", "bell", "dumbbell"]
 PATTERNS = ["stripes", "bars", "checkerboard", "dots", "grid", "zigzag", "waves", "target", "diagonal", "spiral"]
-LETTERS = list("ABCDEFGHJKLMNPRSTUVWXYZ")
 NUMERALS = list("0123456789")
 
 
@@ -300,14 +299,18 @@ def stylize(mask: np.ndarray, colour: tuple[int, int, int], domain: str, rng: np
     m = mask[..., None]
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
     if domain in ("photo", "inverted", "low light"):
-        bg = rng.uniform(0.25, 0.75, 3).astype(np.float32) * 0.6 + 0.2
-        bg_img = bg + _noise(rng, 0.08) + 0.1 * (yy[..., None] - 0.5)
-        shade = (1.15 - 0.5 * (xx + yy) / 2)[..., None]
-        img = (1 - m) * bg_img + m * np.clip(col * shade + _noise(rng, 0.03), 0, 1)
+        # a cluttered but contrasting background: smooth blotches around a tone far from the object's
+        light_object = float(col @ np.array([0.3, 0.59, 0.11], np.float32)) > 0.5
+        tone = rng.uniform(0.12, 0.32) if light_object else rng.uniform(0.68, 0.88)
+        tint = rng.uniform(-0.08, 0.08, 3).astype(np.float32)
+        blotches = _blur(np.clip(0.5 + _noise(rng, 0.5), 0, 1), 2.0) - 0.5
+        bg_img = tone + tint + 0.35 * blotches + _noise(rng, 0.02)
+        shade = (1.1 - 0.3 * (xx + yy) / 2)[..., None]
+        img = (1 - m) * bg_img + m * np.clip(col * shade + _noise(rng, 0.02), 0, 1)
         if domain == "inverted":
             img = 1.0 - img
         elif domain == "low light":
-            img = img * rng.uniform(0.3, 0.45) + _noise(rng, 0.03)
+            img = img * rng.uniform(0.3, 0.45) + _noise(rng, 0.02)
         return np.clip(img, 0, 1)
     if domain == "sketch":
         paper = 0.92 + _noise(rng, 0.02)

@@ -61,10 +61,7 @@ KEEP = P.fraction(0.2, lo_open=True, hi_open=False)
 SCOPE = P.choice("tensor", "tensor", "model")
 _DARE = {"drop": P.fraction(0.9, lo_open=False, hi_open=True), "seed": SEED}
 _CRUMBS = {"beta": P.fraction(0.85, False, True), "gamma": P.fraction(0.01, False, True)}
-
-
-def scale(default: float) -> P.Param:
-    return P.interval(default)
+scale = P.interval  # λ: any finite real number
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("average", tq.average, {}, "Weight averaging (Wortsman et al. 2022, model soups)", weighted=True),

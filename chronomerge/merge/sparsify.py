@@ -84,9 +84,7 @@ def model_threshold(abs_values: torch.Tensor, keep: float) -> float:
     """The |τ| threshold that keeps the top `keep` fraction of a whole model (TIES scope=model)."""
     n = abs_values.numel()
     k = math.ceil(keep * n)
-    if k >= n:
-        return 0.0
-    return float(torch.kthvalue(abs_values.float().cpu(), n - k + 1).values)
+    return 0.0 if k >= n else float(_kth_value(abs_values.reshape(-1), k, largest=True))
 
 
 def dare_drop(tau: torch.Tensor, p: float, seed: int, key: str, index: int) -> torch.Tensor:
