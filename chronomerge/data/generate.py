@@ -20,7 +20,7 @@ from chronomerge.data import catalog
 from chronomerge.data.catalog import DatasetSpec
 from chronomerge.data.render import COLOURS, COUNTS, DOMAIN_PHRASES, SIZE, concept, concept_mask, stylize
 
-GENERATOR_VERSION = "2"  # bump when rendering or captioning changes what a spec produces
+GENERATOR_VERSION = "3"  # bump when rendering or captioning changes what a spec produces
 POSITION_PHRASES = {"center": "in the middle", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
 TEMPLATES = {

@@ -212,7 +212,8 @@ def _glyph(char):
         size = max(8, int(2.2 * r))
         if size not in _FONT_CACHE:
             _FONT_CACHE[size] = ImageFont.load_default(size=size)
-        d.text((cx, cy), char, fill=255, font=_FONT_CACHE[size], anchor="mm")
+        d.text((cx, cy), char, fill=255, font=_FONT_CACHE[size], anchor="mm",
+               stroke_width=max(1, size // 10), stroke_fill=255)  # bold enough to survive 4x downsampling
     return draw_fn
 
 
