@@ -28,9 +28,9 @@ def load_model(store: CheckpointStore, oid: str, name: str = TINY) -> torch.nn.M
 
 
 def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0, name: str = TINY,
-                cfg: TrainConfig = PRETRAIN, device: str = "cpu") -> str:
+                cfg: TrainConfig = PRETRAIN, device: str = "cpu", size_factor: float = 1.0) -> str:
     """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
-    digests = prepare(data_root, seed, [catalog.PRETRAIN.name])
+    digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
     recipe = {"model": name, "seed": seed, "data": digests[catalog.PRETRAIN.name],
               "train": dataclasses.asdict(dataclasses.replace(cfg, progress=False))}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,8 +9,11 @@ PY=${PYTHON:-python3}
 LOG=.venv/install.log
 pins=()
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then pins=(torch==2.14.1 torchvision==0.29.1); fi
-if ! .venv/bin/python -c "import chronomerge, open_clip, prefect, mlflow, dvc, pytest, hypothesis" 2>/dev/null; then
+# Reinstall whenever pyproject.toml changes (its hash is stamped into the venv).
+stamp=$(sha256sum pyproject.toml | cut -d" " -f1)
+if [ "$(cat .venv/.chronomerge-installed 2>/dev/null)" != "$stamp" ]; then
   echo "installing into .venv (log: $LOG) ..."
   .venv/bin/pip install --disable-pip-version-check -q "${pins[@]}" -e ".[dev]" >"$LOG" 2>&1 \
     || { grep -v "^WARNING: Location" "$LOG" | tail -30; exit 1; }
+  echo "$stamp" > .venv/.chronomerge-installed
 fi
