@@ -63,6 +63,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temp file, fsync and rename: all of it or nothing."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                 metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file so that `path` holds either the whole file or nothing.
@@ -81,11 +104,7 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
 
 
 class CheckpointStore:
@@ -244,9 +263,7 @@ class CheckpointStore:
             raise ValueError(f"cannot point ref {name!r} at {oid}: not in the store {self.root}")
         refs = self.root / "refs"
         refs.mkdir(exist_ok=True)
-        tmp = refs / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
-        tmp.write_text(oid)
-        os.replace(tmp, refs / name)
+        atomic_write_bytes(refs / name, oid.encode())
 
     def ref(self, name: str) -> str | None:
         """The object a name points at, or None when unset or pointing at a missing object."""

@@ -19,6 +19,7 @@ import torch
 from chronomerge.data import catalog
 from chronomerge.data.catalog import DatasetSpec
 from chronomerge.data.render import COLOURS, COUNTS, DOMAIN_PHRASES, SIZE, concept, concept_mask, stylize
+from chronomerge.store import atomic_save, atomic_write_bytes
 
 GENERATOR_VERSION = "3"  # bump when rendering or captioning changes what a spec produces
 POSITION_PHRASES = {"center": "in the middle", "left": "on the left", "right": "on the right",
@@ -146,18 +147,7 @@ def generate(spec: DatasetSpec, split: str, seed: int, size_factor: float = 1.0)
 
 # -- files ------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_split(split: Split, path: Path) -> None:
-    from chronomerge.store import atomic_save
-
     atomic_save({"images": torch.from_numpy(split.images), "labels": torch.from_numpy(split.labels)}, path)
 
 
@@ -204,9 +194,9 @@ def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = No
             write_split(s, folder / f"{split}.safetensors")
             meta["classes"], meta["templates"] = s.classes, s.templates
             meta["splits"][split] = {"n": len(s.labels), "captions": s.captions}
-        _atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=0).encode())
+        atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=0).encode())
         digests[name], recipes[name] = dataset_digest(folder), recipe
-    _atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests,
+    atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests,
                                                    "recipes": recipes}, indent=1).encode())
     return digests
 
