@@ -180,3 +180,13 @@ def test_a_changed_recipe_regenerates_the_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "GENERATOR_VERSION", "test")
     prepare(tmp_path, names=[name], size_factor=SMALL)
     assert path.stat().st_mtime_ns != mtime
+
+
+def test_multitask_joins_every_class_of_the_stream(data_root):
+    from chronomerge.data.streams import multitask
+    for kind in ("dataset-incremental", "random"):
+        tasks = build_stream(kind, 6, seed=2)
+        joint = task_split(data_root, multitask(tasks), "test")
+        parts = [task_split(data_root, t, "test") for t in tasks]
+        assert len(joint.labels) == sum(len(p.labels) for p in parts)
+        assert set(joint.classes) == {c for p in parts for c in p.classes}

@@ -78,3 +78,18 @@ def task_split(root: str | os.PathLike, task: Task, split: str) -> Split:
             labels.append(np.full(len(sel), classes.index(cname), np.int64))
             captions += [s.captions[i] for i in sel]
     return Split(np.concatenate(images), np.concatenate(labels), classes, ["a {c}."], captions)
+
+
+def multitask(tasks: list[Task]) -> Task:
+    """The multitask baseline's single task: every dataset and class the stream touches, joined.
+
+    Train it with the stream's total budget (T × steps per task) for the joint-training upper bound.
+    """
+    parts: dict[str, set[int] | None] = {}
+    for t in tasks:
+        for name, ids in t.parts:
+            if ids is None or parts.get(name, set()) is None:
+                parts[name] = None
+            else:
+                parts[name] = parts.get(name, set()) | set(ids)
+    return Task(-1, "multitask", tuple((n, None if c is None else tuple(sorted(c))) for n, c in sorted(parts.items())))
