@@ -87,6 +87,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
         raise ValueError("replay needs captions: use it with train.mode='clip'")
     if cfg.replay_pretrain + cfg.replay_previous >= 1:
         raise ValueError("train.replay_pretrain + train.replay_previous must be < 1")
+    if cfg.replay_pretrain and replay_pool is None:
+        raise ValueError("train.replay_pretrain > 0 needs the pretraining pool (replay_pool)")
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -98,15 +100,14 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
         from chronomerge.evaluate import text_head
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for n, p in params.items() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in params.items()}  # matrices only
+    opt = torch.optim.AdamW([{"params": [p for n, p in params.items() if decays[n]], "weight_decay": cfg.weight_decay},
+                             {"params": [p for n, p in params.items() if not decays[n]], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                             fused=dev.type == "cuda")
     step_fn = _clip_step if cfg.mode == "clip" else _vision_step
     fwd = torch.compile(model) if (cfg.compile and dev.type == "cuda") else model
     sources = [(task, 1 - cfg.replay_pretrain - (cfg.replay_previous if previous else 0.0))]
-    if replay_pool is not None and cfg.replay_pretrain:
+    if cfg.replay_pretrain:
         sources.append((replay_pool, cfg.replay_pretrain))
     if previous and cfg.replay_previous:
         merged_prev = Split(np.concatenate([p.images for p in previous]), np.concatenate([p.labels for p in previous]),

@@ -73,6 +73,8 @@ def test_replay_mixes_in_the_pretraining_pool(task, tok):
     (TrainConfig(mode="lora"), r"train.mode='lora'"),
     (TrainConfig(mode="vision", replay_pretrain=0.2), "replay needs captions"),
     (TrainConfig(replay_pretrain=0.6, replay_previous=0.5), "must be < 1"),
+    (TrainConfig(replay_pretrain=0.2), "needs the pretraining pool"),
+    (TrainConfig(steps=0), r"train.steps=0"),
 ])
 def test_bad_training_config(cfg, pattern, task, tok):
     with pytest.raises(ValueError, match=pattern):
