@@ -29,21 +29,22 @@ def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 
 
 @torch.no_grad()
+def _encode_batches(encode, items, device, batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(items), batch_size):
+        with _autocast(device):
+            out.append(encode(items[i:i + batch_size]).float())
+    return torch.cat(out)
+
+
 def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images), batch_size):
-        with _autocast(device):
-            out.append(model.encode_image(to_tensor(images[i:i + batch_size], device), normalize=True).float())
-    return torch.cat(out)
+    return _encode_batches(lambda x: model.encode_image(to_tensor(x, device), normalize=True),
+                           images, device, batch_size)
 
 
-@torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 1024) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        with _autocast(device):
-            out.append(model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float())
-    return torch.cat(out)
+    return _encode_batches(lambda t: model.encode_text(tokenizer(list(t)).to(device), normalize=True),
+                           list(texts), device, batch_size)
 
 
 def _autocast(device):

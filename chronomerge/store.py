@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,31 +72,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temp file, fsync and rename: all of it or nothing."""
-    path = Path(path)
-    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+@contextmanager
+def _atomic_target(path: Path, suffix: str = ""):
+    """Yield a temp path beside `path`; on success fsync it, rename it onto `path`, fsync the dir."""
+    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}{suffix}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file so that `path` holds either the whole file or nothing.
-
-    Temp file `.tmp-<pid>-<random>` beside `path`, fsync, rename, fsync of the directory.
-    """
-    path = Path(path)
-    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
-    try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata or {}))
+        yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -105,6 +87,19 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that it holds all of it or nothing (temp file, fsync, rename)."""
+    with _atomic_target(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file so that `path` holds either the whole file or nothing."""
+    with _atomic_target(Path(path), ".safetensors") as tmp:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata or {}))
 
 
 class CheckpointStore:
