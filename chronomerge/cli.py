@@ -1,6 +1,7 @@
-"""`chronomerge` command line: merge safetensors checkpoints, list techniques, verify a store.
+"""The core's commands: merge safetensors checkpoints, list techniques, verify a store, show lineage.
 
-The pipeline commands (run, resume, status, lineage, report) arrive with the pipeline.
+They need neither Prefect nor MLflow. The installed `chronomerge` command (`flows.cli`) adds the
+pipeline commands (run, resume, status, report, prepare, pretrain) to these.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from chronomerge.lineage import lineage_lines
 from chronomerge.merge import TECHNIQUES, merge, resolve_hparams
 from chronomerge.statedict import CorruptCheckpointError, LazyStateDict
 from chronomerge.store import CheckpointStore, atomic_save
@@ -59,9 +61,13 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP.")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_lineage_store(args) -> int:
+    store = CheckpointStore(args.store)
+    print("\n".join(lineage_lines(store, args.target)))
+    return 0
+
+
+def add_core_commands(sub) -> None:
     m = sub.add_parser("merge", help="merge safetensors checkpoints with one technique")
     m.add_argument("technique", choices=sorted(TECHNIQUES))
     m.add_argument("--base", type=Path, required=True)
@@ -77,12 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("store", type=Path)
     v.add_argument("ids", nargs="*")
     v.set_defaults(fn=cmd_verify)
-    args = p.parse_args(argv)
+
+
+def run_command(args) -> int:
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_core_commands(sub)
+    lg = sub.add_parser("lineage", help="the parent tree of a stored checkpoint")
+    lg.add_argument("target", help="checkpoint id")
+    lg.add_argument("--store", type=Path, default=Path("store"))
+    lg.set_defaults(fn=cmd_lineage_store)
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":

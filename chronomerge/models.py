@@ -1,6 +1,7 @@
 """open_clip model construction: the embedded tiny config, open_clip tags and local weight files."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import open_clip
@@ -29,7 +30,15 @@ def create_model(name: str = TINY, pretrained: str | None = None, seed: int = 0)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; known: {TINY!r} and open_clip.list_models()")
     torch.manual_seed(seed)
-    return open_clip.create_model(name, pretrained=pretrained)
+    if pretrained:
+        return open_clip.create_model(name, pretrained=pretrained)
+    quiet = logging.getLogger()  # open_clip warns at root level that no weights were loaded: intended here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        quiet.setLevel(level)
 
 
 def get_tokenizer(name: str = TINY):

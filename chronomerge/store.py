@@ -40,7 +40,7 @@ from chronomerge.statedict import (
     tensor_digest,
 )
 
-KINDS = ("base", "expert", "deployed", "merger-state", "fisher", "other")
+KINDS = ("base", "expert", "merged", "deployed", "merger-state", "fisher", "other")
 _META_KEY = "chronomerge"
 _FORMAT = 1
 

@@ -1,2 +1,2 @@
-"""Prefect flows composing the tasks: stream.py (one temporal run), sweep.py, update.py.
-They arrive with the pipeline."""
+"""Prefect flows: `stream` (one temporal run), and the command line that drives them (`cli`)."""
+import tasks  # noqa: F401  (sets Prefect's environment defaults before Prefect is imported)

@@ -1,0 +1,229 @@
+"""`params.yaml`: the one configuration of a temporal merging run, validated by a schema.
+
+Every section is a pydantic model that forbids unknown fields; `load_config` turns any violation
+into a `ConfigError` that names the field (dotted path), the bad value and the allowed values.
+`--set key=value` overrides (`apply_overrides`) are applied before validation.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chronomerge.data.streams import STREAMS
+from chronomerge.merge import RECENCY, TECHNIQUES, resolve_hparams
+
+INIT_MODES = ("zs", "ft", "ema", "all")
+DEPLOY_MODES = ("ft", "ema", "all")
+
+
+class ConfigError(ValueError):
+    """A field of params.yaml (or a --set override) is missing, unknown or out of range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str = "chronoclip-tiny"
+    pretrained: str | None = None  # open_clip tag or local file; None: the embedded pretrained base
+
+
+class DataSection(_Section):
+    root: str = "data"
+    seed: int = Field(0, ge=0)
+    size_factor: float = Field(1.0, gt=0, le=10)
+
+
+class PretrainSection(_Section):
+    """Pretraining of the embedded base on the generated pool (skipped when model.pretrained is set)."""
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: float = Field(0.05, ge=0, le=1)
+
+
+class StreamSection(_Section):
+    kind: Literal[STREAMS] = "dataset-incremental"  # type: ignore[valid-type]
+    length: int = Field(20, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class MergeSpec(_Section):
+    """How one TIME axis builds its model from the store (TIME, Sec. 3: f_merge and its inputs)."""
+
+    technique: str = "average"
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(0.5, gt=0, le=1)  # EMA: weight w of the newest expert (weighted techniques)
+    recency: str = "uniform"                # all: recency weights over the stored experts
+    reverse: bool = False
+
+    @field_validator("technique")
+    @classmethod
+    def _known_technique(cls, v: str) -> str:
+        allowed = sorted(set(TECHNIQUES) - {"fisher"})  # the Fisher merge needs CMM's Fisher state
+        if v not in allowed:
+            raise ValueError(f"{v!r} is not allowed; expected one of {allowed}")
+        return v
+
+    @field_validator("recency")
+    @classmethod
+    def _known_recency(cls, v: str) -> str:
+        if v not in RECENCY:
+            raise ValueError(f"{v!r} is not allowed; expected one of {sorted(RECENCY)}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_hparams(self):
+        resolve_hparams(self.technique, self.hparams)
+        return self
+
+
+class InitSpec(MergeSpec):
+    mode: Literal[INIT_MODES] = "ema"  # type: ignore[valid-type]
+
+
+class DeploySpec(MergeSpec):
+    mode: Literal[DEPLOY_MODES] = "ema"  # type: ignore[valid-type]
+
+
+class StrategySection(_Section):
+    """Best-in-TIME by default: init ema, deploy ema, weighted averaging with w = 0.5."""
+
+    init: InitSpec = Field(default_factory=InitSpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    mode: Literal["clip", "vision"] = "clip"
+    train_text: bool = True
+    replay_pretrain: float = Field(0.0, ge=0, lt=1)
+    replay_previous: float = Field(0.0, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    bf16: bool = True
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _replay(self):
+        if self.replay_pretrain + self.replay_previous >= 1:
+            raise ValueError("replay_pretrain + replay_previous must be < 1")
+        if self.mode == "vision" and (self.replay_pretrain or self.replay_previous):
+            raise ValueError("replay needs captions: use it with mode 'clip'")
+        return self
+
+
+class TrackingSection(_Section):
+    enabled: bool = True
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "chronomerge"
+
+
+class PathsSection(_Section):
+    store: str = "store"
+    outputs: str = "outputs"
+    metrics: str = "outputs/metrics.json"
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+    stream: StreamSection = Field(default_factory=StreamSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self, *sections: str) -> str:
+        """SHA-256 of the canonical JSON of the given sections (all when none given)."""
+        d = self.to_dict()
+        part = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][:-1]
+            known = _known_fields(section)
+            msg = f"unknown field; allowed fields here: {known}"
+        elif e["type"] == "literal_error":
+            msg = f"{e['input']!r} is not allowed; expected one of {e['ctx']['expected']}"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _known_fields(section: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for name in section:
+        ann = model.model_fields[str(name)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw params dict."""
+    out = copy.deepcopy(raw)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def validate(raw: dict[str, Any] | None, source: str = "params") -> Config:
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = "params.yaml", sets: list[str] = ()) -> Config:
+    """Read params.yaml (defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: no such params file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        source = str(p)
+    return validate(apply_overrides(raw, list(sets)), source)

@@ -1,0 +1,122 @@
+"""A stream's results on disk: metrics JSON, per-step history, curves CSV, plots and a report.
+
+`history` is the dict the stream flow builds: one entry per step t with A_KA, A_ZS, GM, ACC, BWT,
+per-dataset scores, row t of the accuracy matrix, checkpoint ids and stage timings.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chronomerge.store import atomic_write_bytes
+
+CURVES = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
+
+
+def acc_bwt_lower(rows: Sequence[Sequence[float]]) -> dict[str, float]:
+    """ACC and BWT after step t from rows 1..t of a lower-triangular accuracy matrix (row i has i entries)."""
+    last = rows[-1]
+    t = len(rows)
+    bwt = float(np.mean([last[i] - rows[i][i] for i in range(t - 1)])) if t > 1 else 0.0
+    return {"ACC": float(np.mean(last)), "BWT": bwt}
+
+
+def matrix(history: Mapping[str, Any]) -> np.ndarray:
+    """The accuracy matrix R[t, i] (NaN above the diagonal: tasks not seen yet)."""
+    rows = [s["row"] for s in history["steps"]]
+    r = np.full((len(rows), len(rows)), np.nan)
+    for t, row in enumerate(rows):
+        r[t, :len(row)] = row
+    return r
+
+
+def final_metrics(history: Mapping[str, Any]) -> dict[str, Any]:
+    last = history["steps"][-1]
+    return {"deployed": last["checkpoints"]["deployed"], "tasks": len(history["steps"]),
+            **{k: round(last[k], 6) for k in CURVES}}
+
+
+def write_outputs(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
+    """metrics JSON (final figures), history.json, curves.csv, plots and report.md; returns the paths."""
+    out = Path(outputs)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    metrics_path = Path(metrics_path)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(metrics_path, json.dumps(final_metrics(history), indent=1).encode())
+    atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["t", "task", *CURVES])
+    for s in history["steps"]:
+        w.writerow([s["t"], s["task"], *(f"{s[k]:.6f}" for k in CURVES)])
+    atomic_write_bytes(out / "curves.csv", buf.getvalue().encode())
+    paths = [metrics_path, out / "history.json", out / "curves.csv", *plot(history, out / "plots")]
+    atomic_write_bytes(out / "report.md", markdown(history).encode())
+    return paths + [out / "report.md"]
+
+
+def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
+    """A_KA, A_ZS and GM over tasks (TIME's figure style) and the accuracy-matrix heat map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = history["steps"]
+    ts = [s["t"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in ("A_KA", "A_ZS", "GM"):
+        ax.plot(ts, [100 * s[k] for s in steps], marker="o", ms=3, label=k)
+    ax.set_xlabel("task t")
+    ax.set_ylabel("score (%)")
+    ax.set_title(history.get("title", "stream"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    curves = folder / "metrics.png"
+    _save(fig, curves)
+    r = matrix(history)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    im = ax.imshow(100 * r, vmin=0, vmax=100, cmap="viridis")
+    ax.set_xlabel("task i")
+    ax.set_ylabel("after step t")
+    ax.set_xticks(range(len(ts)), [str(t) for t in ts], fontsize=6)
+    ax.set_yticks(range(len(ts)), [str(t) for t in ts], fontsize=6)
+    fig.colorbar(im, ax=ax, label="score on task i (%)")
+    ax.set_title("accuracy matrix R[t, i]")
+    fig.tight_layout()
+    heat = folder / "accuracy_matrix.png"
+    _save(fig, heat)
+    plt.close("all")
+    return [curves, heat]
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def markdown(history: Mapping[str, Any]) -> str:
+    f = final_metrics(history)
+    lines = [f"# {history.get('title', 'stream')}", "",
+             f"Deployed after task {f['tasks']}: `{f['deployed']}`", "",
+             "| t | task | A_KA | A_ZS | GM | ACC | BWT | train s | eval s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in history["steps"]:
+        sec = s["seconds"]
+        lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(_pct(s[k]) for k in CURVES)
+                     + f" | {sec.get('train', 0):.1f} | {sec.get('eval', 0):.1f} |")
+    lines += ["", "Scores in %. A_KA: mean over adaptation datasets; A_ZS: over held-out datasets; "
+              "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t).", ""]
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:.1f}"

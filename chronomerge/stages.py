@@ -1,0 +1,160 @@
+"""The five TIME stages of task t, and the two stages before a stream, as plain functions.
+
+init → train → store → deploy → eval (TIME, Sec. 3). Each takes small values (checkpoint ids,
+dataset names, config dicts) and returns a small JSON-able dict; tensors stay in the checkpoint
+store. Prefect tasks in `tasks/` wrap them one to one, which is how a stream is cached and resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chronomerge.benchmark import ensure_base, load_model
+from chronomerge.data import catalog, load_split, prepare
+from chronomerge.data.streams import Task, task_split
+from chronomerge.evaluate import score, summarize
+from chronomerge.models import create_model, get_tokenizer
+from chronomerge.store import CheckpointStore, atomic_write_bytes
+from chronomerge.strategies import compose
+from chronomerge.train import TrainConfig, train
+
+HELD_OUT = [d.name for d in catalog.EVALUATION]
+ADAPTATION = [d.name for d in catalog.ADAPTATION]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a stream reads and writes: the checkpoint store, the datasets, the device."""
+
+    store: str
+    data: str
+    device: str = "cpu"
+    progress: bool = False
+
+    def open_store(self) -> CheckpointStore:
+        return CheckpointStore(self.store)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' is not allowed here: no CUDA device is visible; use 'auto' or 'cpu'")
+    return name
+
+
+def task_to_dict(task: Task) -> dict[str, Any]:
+    return {"index": task.index, "name": task.name, "round": task.round, "rounds": task.rounds,
+            "parts": [[name, None if ids is None else list(ids)] for name, ids in task.parts]}
+
+
+def task_from_dict(d: Mapping[str, Any]) -> Task:
+    return Task(d["index"], d["name"], tuple((n, None if c is None else tuple(c)) for n, c in d["parts"]),
+                d["round"], d["rounds"])
+
+
+def task_digest(task: Task, digests: Mapping[str, str]) -> str:
+    """SHA-256 naming exactly the data a task trains on: its datasets' digests, classes and slice."""
+    return hashlib.sha256(json.dumps({"task": task_to_dict(task) | {"index": None, "name": None},
+                                      "data": {n: digests[n] for n, _ in task.parts}}, sort_keys=True).encode()).hexdigest()
+
+
+# -- before the stream -------------------------------------------------------------------------
+def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool) -> dict[str, str]:
+    """Generate (or check) every dataset the stream and its evaluation read; `{name: digest}`."""
+    names = ADAPTATION + HELD_OUT + ([] if pretrained else [catalog.PRETRAIN.name])
+    return prepare(ws.data, data["seed"], names, size_factor=data["size_factor"])
+
+
+def run_base(ws: Workspace, model: Mapping[str, Any], pretrain: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
+    """θ0: open_clip weights from a tag or file, or the embedded base pretrained on the pool."""
+    store = ws.open_store()
+    t0 = time.perf_counter()
+    if model["pretrained"]:
+        m = create_model(model["name"], pretrained=model["pretrained"])
+        oid = store.put(m.state_dict(), kind="base", technique="open_clip",
+                        extra={"model": model["name"], "pretrained": model["pretrained"]})
+    else:
+        cfg = TrainConfig(**pretrain, progress=ws.progress)
+        oid = ensure_base(store, ws.data, data["seed"], model["name"], cfg, ws.device, data["size_factor"])
+    return {"base": oid, "seconds": time.perf_counter() - t0}
+
+
+# -- the five stages of task t -----------------------------------------------------------------
+def run_init(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequence[str], previous: str | None) -> dict:
+    """Stage 1, init θ^I_t from the store (`strategies.compose`, init axis)."""
+    t0 = time.perf_counter()
+    oid = compose(ws.open_store(), spec, spec["mode"], base=base, experts=experts, previous=previous,
+                  kind="merged", device=ws.device, extra={"role": "init", "t": len(experts) + 1})
+    return {"init": oid, "seconds": time.perf_counter() - t0}
+
+
+def run_train(ws: Workspace, cfg: Mapping[str, Any], model_name: str, task: Mapping[str, Any], init: str,
+              data_digest: str, previous_tasks: Sequence[Mapping[str, Any]]) -> dict:
+    """Stage 2, train θ^S_t from θ^I_t on task t; writes the expert and its AdamW second moments."""
+    store = ws.open_store()
+    t = task_from_dict(task)
+    tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
+    model = load_model(store, init, model_name)
+    tok = get_tokenizer(model_name)
+    pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
+    prev = [task_split(ws.data, task_from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
+    result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
+                   replay_pool=pool, previous=prev)
+    hp = {k: v for k, v in cfg.items() if k not in ("bf16", "compile")} | {"seed": tc.seed}
+    expert = store.put(result.state, kind="expert", parents=[init], technique="finetune", hparams=hp,
+                       data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
+    fisher = store.put(result.exp_avg_sq, kind="fisher", parents=[expert], technique="adamw_exp_avg_sq",
+                       data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
+    return {"expert": expert, "fisher": fisher, "seconds": result.seconds, "loss": result.losses[-1],
+            "images_per_second": result.images_per_second}
+
+
+def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str) -> dict:
+    """Stage 3, store: verify θ^S_t bit for bit and add it to S; the new S is written as a manifest."""
+    store = ws.open_store()
+    t0 = time.perf_counter()
+    for oid in (expert, fisher):
+        store.verify(oid)
+    new = {"experts": [*storage["experts"], expert], "fishers": [*storage["fishers"], fisher]}
+    body = json.dumps(new, sort_keys=True).encode()
+    manifest = hashlib.sha256(body).hexdigest()
+    path = Path(ws.store) / "storage" / f"{manifest}.json"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(path, body)
+    return {**new, "manifest": manifest, "seconds": time.perf_counter() - t0}
+
+
+def run_deploy(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequence[str], previous: str | None) -> dict:
+    """Stage 4, deploy θ^O_t from the store (`strategies.compose`, deploy axis)."""
+    t0 = time.perf_counter()
+    oid = compose(ws.open_store(), spec, spec["mode"], base=base, experts=experts, previous=previous,
+                  kind="deployed", device=ws.device, extra={"role": "deploy", "t": len(experts)})
+    return {"deployed": oid, "seconds": time.perf_counter() - t0}
+
+
+def run_eval(ws: Workspace, model_name: str, deployed: str, tasks: Sequence[Mapping[str, Any]],
+             digests: Mapping[str, str]) -> dict:
+    """Stage 5, eval θ^O_t: every adaptation and held-out dataset (A_KA, A_ZS, GM) and the test
+    split of each task seen so far (row t of the accuracy matrix). `digests` names the data
+    scored, so regenerated test sets are scored again (it is part of the cache key)."""
+    t0 = time.perf_counter()
+    model = load_model(ws.open_store(), deployed, model_name).to(ws.device)
+    tok = get_tokenizer(model_name)
+    scores = {name: score(model, tok, load_split(ws.data, name, "test"), ws.device) for name in ADAPTATION + HELD_OUT}
+    row = []
+    for d in tasks:
+        t = task_from_dict(d)
+        whole = len(t.parts) == 1 and t.parts[0][1] is None
+        row.append(scores[t.parts[0][0]] if whole else score(model, tok, task_split(ws.data, t, "test"), ws.device))
+    return {"scores": scores, "row": row, **summarize(scores, ADAPTATION, HELD_OUT),
+            "seconds": time.perf_counter() - t0}
+

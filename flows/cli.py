@@ -1,0 +1,194 @@
+"""`chronomerge`: the pipeline commands plus the core's (merge, techniques, verify).
+
+    chronomerge run [--params params.yaml] [--set train.lr=1e-3 ...]   the stream; prints `deployed: <sha256>`
+    chronomerge resume                         the last run started here, with the same settings
+    chronomerge status                         which tasks and stages are done (cached) and what is next
+    chronomerge lineage <checkpoint-id | mlflow-run-id>
+    chronomerge report                         plots and the metrics table from the last run's outputs
+    chronomerge prepare | pretrain             the DVC stages before the stream
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
+
+from chronomerge import cli as core_cli  # noqa: E402
+from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
+from chronomerge.lineage import lineage_lines  # noqa: E402
+from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
+
+
+def _config(args):
+    return load_config(args.params, args.set)
+
+
+def cmd_run(args, cfg=None) -> int:
+    from flows.stream import stream_flow
+
+    cfg = cfg or _config(args)
+    summary = stream_flow(cfg.to_dict(), project=".", quiet=args.quiet)
+    f = summary["final"]
+    print(f"final: A_KA {100 * f['A_KA']:.2f}  A_ZS {100 * f['A_ZS']:.2f}  GM {100 * f['GM']:.2f}  "
+          f"ACC {100 * f['ACC']:.2f}  BWT {100 * f['BWT']:.2f}")
+    print(f"time: {summary['wall_seconds']:.1f} s in the flow, {summary['compute_seconds']:.1f} s computing stages, "
+          f"{sum(s['status'] == 'cached' for s in summary['stages'])}/{len(summary['stages'])} stages cached")
+    print(f"metrics: {cfg.paths.metrics}   report: {Path(cfg.paths.outputs) / 'report.md'}   "
+          f"mlflow run: {summary['run_id']}")
+    print(f"deployed: {summary['deployed']}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from flows.stream import LAST_RUN
+
+    if not LAST_RUN.exists():
+        raise ConfigError(f"nothing to resume: no run was started in this directory ({LAST_RUN} is missing)")
+    return cmd_run(args, validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN)))
+
+
+def peek_stage(stage_task, ws, *args):
+    """The persisted result of a stage for these inputs, without running it (None when absent)."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    from tasks.cache import stage_key
+
+    params = dict(inspect.signature(stage_task.fn).bind(ws, *args).arguments)
+    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(stage_task.name, stage_task.code_version, params)
+    if not path.exists():
+        return None
+    return json.loads(json.loads(path.read_text())["result"]), "done"
+
+
+def cmd_status(args) -> int:
+    from flows.stream import STAGES, stream_key, walk, workspace
+
+    cfg = _config(args)
+    ws = workspace(cfg, Path("."))
+    manifest = Path(ws.data) / "manifest.json"
+    print(f"stream {stream_key(cfg)[:16]}: {cfg.stream.kind} × {cfg.stream.length}, "
+          f"init {cfg.strategy.init.mode}, deploy {cfg.strategy.deploy.mode}")
+    if not manifest.exists():
+        print(f"data: not prepared ({manifest} missing); next: prepare")
+        return 0
+    digests = json.loads(manifest.read_text())["datasets"]
+    done = 0
+    walker = walk(cfg, ws, digests, runner=peek_stage)
+    base_seen = False
+    for item in walker:
+        if item[0] == "base":
+            base_seen = True
+            print(f"base: done ({item[1]['base'][:16]})")
+            continue
+        task, outs, status = item
+        marks = " ".join(f"{s}:{'done' if s in status else '-'}" for s in STAGES)
+        print(f"  {task.index + 1:>3} {task.name:34s} {marks}")
+        if len(status) == len(STAGES):
+            done += 1
+        else:
+            print(f"next: task {task.index + 1}, stage {next(s for s in STAGES if s not in status)}")
+            break
+    if not base_seen:
+        print("base: not done; next: pretrain (or import model.pretrained)")
+    print(f"{done}/{cfg.stream.length} tasks complete")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    cfg = _config(args)
+    store = CheckpointStore(cfg.paths.store)
+    target = args.target
+    if len(target) != 64:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri).get_run(target)
+        except MlflowException:
+            raise ValueError(f"{target!r} is neither a checkpoint id (64 hex digits) nor an MLflow run id "
+                             f"in {cfg.tracking.mlflow_uri}") from None
+        tags = run.data.tags
+        if "lineage.deployed" not in tags:
+            raise ValueError(f"MLflow run {target} carries no lineage.deployed tag (not a chronomerge run?)")
+        print(f"mlflow run {target} ({run.info.run_name}, {run.info.status}); git commit {tags.get('git.commit')}")
+        for k in sorted(tags):
+            if k.startswith("lineage.") and k != "lineage.deployed":
+                print(f"  {k}: {tags[k]}")
+        target = tags["lineage.deployed"]
+    print("\n".join(lineage_lines(store, target)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from chronomerge.report import markdown, write_outputs
+
+    cfg = _config(args)
+    path = Path(cfg.paths.outputs) / "history.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `chronomerge run` first")
+    history = json.loads(path.read_text())
+    written = write_outputs(history, cfg.paths.outputs, cfg.paths.metrics)
+    print(markdown(history))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from chronomerge.stages import Workspace, run_prepare
+
+    cfg = _config(args)
+    c = cfg.to_dict()
+    digests = run_prepare(Workspace(cfg.paths.store, cfg.data.root), c["data"], bool(cfg.model.pretrained))
+    print(f"{len(digests)} datasets ready under {cfg.data.root}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from chronomerge.stages import Workspace, resolve_device, run_base
+
+    cfg = _config(args)
+    c = cfg.to_dict()
+    out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), sys.stderr.isatty()),
+                   c["model"], c["pretrain"], c["data"])
+    path = Path(cfg.paths.outputs) / "base.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"base": out["base"], "model": c["model"]}, indent=1).encode())
+    print(f"base: {out['base']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP, orchestrated.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def pipeline(name: str, fn, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. train.lr=1e-3 (repeatable)")
+        c.set_defaults(fn=fn)
+        return c
+
+    for name, fn, help in (("run", cmd_run, "run (or resume) the stream in params.yaml"),
+                           ("resume", cmd_resume, "rerun the last run started here; finished stages are cached")):
+        pipeline(name, fn, help).add_argument("--quiet", action="store_true", help="no per-task progress lines")
+    pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
+    pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from") \
+        .add_argument("target", help="checkpoint id (64 hex digits) or MLflow run id")
+    pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
+    pipeline("prepare", cmd_prepare, "generate or check the datasets (DVC stage)")
+    pipeline("pretrain", cmd_pretrain, "the base model θ0 (DVC stage)")
+    core_cli.add_core_commands(sub)
+    args = p.parse_args(argv)
+    if getattr(args, "params", None) == "params.yaml" and not Path("params.yaml").exists():
+        args.params = None  # defaults when no params file is present
+    return core_cli.run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The stream flow: for t = 1..T, init → train → store → deploy → eval (TIME, Sec. 3).
+
+Each stage is a cached Prefect task (`tasks/`) keyed by content, so rerunning the same command
+after a crash resumes where it stopped, and a changed setting reruns only the stages it feeds.
+Only checkpoint ids, digests and metric dicts travel between stages. Every run is logged to
+MLflow (`tasks.tracking`); results land in `paths.outputs` and `paths.metrics`.
+
+    from flows.stream import stream_flow
+    summary = stream_flow(config_dict)      # or `chronomerge run`
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from chronomerge.config import Config, validate
+from chronomerge.data.streams import build_stream
+from chronomerge.report import acc_bwt_lower, write_outputs
+from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
+from chronomerge.store import CheckpointStore, atomic_write_bytes
+from tasks.deploy import deploy
+from tasks.evaluate import evaluate
+from tasks.init import init
+from tasks.prepare import base, prepare
+from tasks.store import store
+from tasks.tracking import Tracker, git_commit
+from tasks.train import train
+
+STAGES = ("init", "train", "store", "deploy", "eval")
+ID_FIELDS = ("base", "init", "expert", "fisher", "deployed")
+STREAM_SECTIONS = ("model", "data", "pretrain", "stream", "strategy", "train")
+LAST_RUN = Path(".chronomerge") / "last-run.json"
+
+
+def stream_key(cfg: Config) -> str:
+    """Identity of a stream: every section that determines its checkpoints and metrics."""
+    return cfg.digest(*STREAM_SECTIONS)
+
+
+def workspace(cfg: Config, project: Path) -> Workspace:
+    return Workspace(store=str(project / cfg.paths.store), data=str(project / cfg.data.root),
+                     device=resolve_device(cfg.device), progress=sys.stderr.isatty())
+
+
+def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
+    ids = [out[k] for k in ID_FIELDS if k in out] + list(out.get("experts", [])) + list(out.get("fishers", []))
+    return any(i not in store for i in ids)
+
+
+def run_stage(task, ws: Workspace, *args) -> tuple[dict, str]:
+    """Run a stage task; returns (output, 'computed' | 'cached').
+
+    A cached result that names a checkpoint missing from the store (a deleted or replaced store)
+    is recomputed rather than trusted.
+    """
+    state = task(ws, *args, return_state=True)
+    out = state.result()
+    cached = state.name == "Cached"
+    if cached and _missing(ws.open_store(), out):
+        state = task.with_options(refresh_cache=True)(ws, *args, return_state=True)
+        out, cached = state.result(), False
+    return out, "cached" if cached else "computed"
+
+
+@flow(name="chronomerge-stream", validate_parameters=False)
+def stream_flow(config: dict, project: str = ".", quiet: bool = False) -> dict:
+    """Run (or resume) the stream described by `config` (a params dict); returns its summary."""
+    t_start = time.perf_counter()
+    echo = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    cfg = validate(config)
+    root = Path(project)
+    c = cfg.to_dict()
+    key = stream_key(cfg)
+    ws = workspace(cfg, root)
+    (root / LAST_RUN).parent.mkdir(exist_ok=True)
+    atomic_write_bytes(root / LAST_RUN, json.dumps(c, indent=1).encode())
+    tracker = Tracker(cfg.tracking.mlflow_uri, cfg.tracking.experiment, cfg.tracking.enabled)
+    stale = tracker.mark_stale(key)
+    if stale:
+        echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
+    commit = git_commit(root)
+    digests = prepare(ws, c["data"], bool(cfg.model.pretrained))
+    tracker.start(key, {**c, "_digest": cfg.digest()}, commit, digests, ws.data, stale)
+    try:
+        summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    history = summary.pop("history")
+    paths = write_outputs(history, root / cfg.paths.outputs, root / cfg.paths.metrics)
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    summary["overhead_seconds"] = summary["wall_seconds"] - summary["compute_seconds"]
+    tracker.finish("FINISHED", paths, {"lineage.deployed": summary["deployed"],
+                                       "chronomerge.overhead_seconds": f"{summary['overhead_seconds']:.2f}"})
+    summary["run_id"] = tracker.parent
+    return summary
+
+
+def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
+    """The stream's stages in order, each through `runner(task, ws, *args) -> (output, status)`.
+
+    Yields ("base", output, status) once, then one (task, outputs, statuses) per step t. Stops
+    early when `runner` returns None (`status` uses this to walk the cache without computing).
+    """
+    c = cfg.to_dict()
+    got = runner(base, ws, c["model"], c["pretrain"], c["data"])
+    if got is None:
+        return
+    yield "base", got[0], got[1]
+    theta0 = got[0]["base"]
+    stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed)
+    eval_digests = {n: digests[n] for n in ADAPTATION + HELD_OUT}
+    storage: dict[str, list[str]] = {"experts": [], "fishers": []}
+    prev_init = prev_deploy = None
+    for t, task in enumerate(stream, 1):
+        replay = [task_to_dict(x) for x in stream[:t - 1]] if cfg.train.replay_previous else []
+        calls = {
+            "init": lambda o: (init, c["strategy"]["init"], theta0, storage["experts"], prev_init),
+            "train": lambda o: (train, c["train"], cfg.model.name, task_to_dict(task), o["init"]["init"],
+                                task_digest(task, digests), replay),
+            "store": lambda o: (store, storage, o["train"]["expert"], o["train"]["fisher"]),
+            "deploy": lambda o: (deploy, c["strategy"]["deploy"], theta0, o["store"]["experts"], prev_deploy),
+            "eval": lambda o: (evaluate, cfg.model.name, o["deploy"]["deployed"],
+                               [task_to_dict(x) for x in stream[:t]], eval_digests),
+        }
+        outs, status = {}, {}
+        for name in STAGES:
+            stage_task, *args = calls[name](outs)
+            got = runner(stage_task, ws, *args)
+            if got is None:
+                yield task, outs, status
+                return
+            outs[name], status[name] = got
+        yield task, outs, status
+        storage = {"experts": outs["store"]["experts"], "fishers": outs["store"]["fishers"]}
+        prev_init, prev_deploy = outs["init"]["init"], outs["deploy"]["deployed"]
+
+
+def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
+               commit: str, echo: Callable[[str], None]) -> dict:
+    steps, stages, rows = [], [], []
+    compute = 0.0
+    length = cfg.stream.length
+    walker = walk(cfg, ws, digests)
+    _, base_out, base_status = next(walker)
+    theta0 = base_out["base"]
+    if base_status == "computed":
+        compute += base_out["seconds"]
+    for t, (task, outs, status) in enumerate(walker, 1):
+        seconds = {name: outs[name]["seconds"] for name in STAGES}
+        compute += sum(seconds[n] for n in STAGES if status[n] == "computed")
+        stages += [{"t": t, "stage": n, "status": status[n]} for n in STAGES]
+        rows.append(outs["eval"]["row"])
+        e_out = outs["eval"]
+        ids = {"init": outs["init"]["init"], "expert": outs["train"]["expert"], "fisher": outs["train"]["fisher"],
+               "deployed": outs["deploy"]["deployed"], "storage": outs["store"]["manifest"]}
+        step = {"t": t, "task": task.name, "A_KA": e_out["A_KA"], "A_ZS": e_out["A_ZS"], "GM": e_out["GM"],
+                **acc_bwt_lower(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
+                "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
+                "data_digest": task_digest(task, digests)}
+        steps.append(step)
+        _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n, _ in task.parts})
+        echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
+            f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
+            + f"  A_KA {100 * step['A_KA']:.1f}  A_ZS {100 * step['A_ZS']:.1f}  GM {100 * step['GM']:.1f}")
+    title = (f"{cfg.stream.kind} × {length}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
+             f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}")
+    history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps}
+    return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
+            "stages": stages, "compute_seconds": compute, "history": history,
+            "final": {k: steps[-1][k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}}
+
+
+def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: str, datasets: dict) -> None:
+    store_ = ws.open_store()
+    ids = step["checkpoints"]
+    tags = {f"lineage.{k}": v for k, v in ids.items()}
+    tags.update({f"lineage.{k}.parents": ",".join(store_.meta(ids[k])["parents"])
+                 for k in ("init", "expert", "deployed")})
+    tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
+                 **{f"stage.{s}": v for s, v in step["status"].items()}})
+    metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss")}
+    metrics.update({f"acc/{n}": v for n, v in step["scores"].items()})
+    metrics.update({f"time/{s}": v for s, v in step["seconds"].items()})
+    parent = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}
+    parent.update({f"time/{s}": v for s, v in step["seconds"].items()})
+    tracker.log_task(step["t"], step["task"], metrics, parent, tags, datasets, ws.data)

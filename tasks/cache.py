@@ -1,0 +1,51 @@
+"""Content-derived cache keys for stage tasks (../shared/DESIGN.md, "What travels between tasks").
+
+key = SHA-256(stage name, code version, inputs). The code version hashes the stage function's
+source and the core modules it depends on, so a change in a helper invalidates the stage
+(Prefect's TASK_SOURCE would only see the wrapper). The `ws` argument (where the store and
+data live, which device) is not part of the key: a result is a set of content ids, valid anywhere
+those objects exist; the flow checks they do and recomputes when they do not.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import task
+
+import chronomerge
+
+CORE = Path(chronomerge.__file__).parent
+
+
+def code_version(fn: Callable, modules: tuple[str, ...]) -> str:
+    """SHA-256 of `fn`'s source and of the core files (globs relative to chronomerge/) it relies on."""
+    h = hashlib.sha256(inspect.getsource(fn).encode())
+    for pattern in modules:
+        files = sorted(CORE.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"code_version: no file matches chronomerge/{pattern}")
+        for f in files:
+            h.update(f.relative_to(CORE).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_key(name: str, version: str, parameters: dict) -> str:
+    inputs = {k: v for k, v in parameters.items() if k != "ws"}
+    body = json.dumps({"stage": name, "code": version, "inputs": inputs}, sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(body.encode()).hexdigest()}"
+
+
+def stage(name: str, modules: tuple[str, ...]):
+    """Decorator: a core stage function → a cached, persisted Prefect task named `name`."""
+    def wrap(fn: Callable):
+        version = code_version(fn, modules)
+        t = task(name=name, cache_key_fn=lambda ctx, params: stage_key(name, version, params),
+                 persist_result=True, result_serializer="json", cache_result_in_memory=False)(fn)
+        t.code_version = version
+        return t
+    return wrap

@@ -1,0 +1,5 @@
+"""Stage 2 of task t: fine-tune θ^I_t into the expert θ^S_t (plus its AdamW second moments)."""
+from chronomerge import stages
+from tasks.cache import stage
+
+train = stage("train", ("train.py", "models.py", "benchmark.py", "data/*.py"))(stages.run_train)
