@@ -43,10 +43,10 @@ def final_metrics(history: Mapping[str, Any]) -> dict[str, Any]:
             **{k: round(last[k], 6) for k in CURVES}}
 
 
-def write_outputs(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
-    """metrics JSON (final figures), history.json, curves.csv, plots and report.md; returns the paths."""
+def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
+    """metrics JSON (final figures), history.json and curves.csv; returns the paths."""
     out = Path(outputs)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     metrics_path = Path(metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(metrics_path, json.dumps(final_metrics(history), indent=1).encode())
@@ -57,9 +57,16 @@ def write_outputs(history: Mapping[str, Any], outputs: str | Path, metrics_path:
     for s in history["steps"]:
         w.writerow([s["t"], s["task"], *(f"{s[k]:.6f}" for k in CURVES)])
     atomic_write_bytes(out / "curves.csv", buf.getvalue().encode())
-    paths = [metrics_path, out / "history.json", out / "curves.csv", *plot(history, out / "plots")]
+    return [metrics_path, out / "history.json", out / "curves.csv"]
+
+
+def write_report(history: Mapping[str, Any], outputs: str | Path) -> list[Path]:
+    """plots/metrics.png, plots/accuracy_matrix.png and report.md; returns the paths."""
+    out = Path(outputs)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    paths = plot(history, out / "plots")
     atomic_write_bytes(out / "report.md", markdown(history).encode())
-    return paths + [out / "report.md"]
+    return [*paths, out / "report.md"]
 
 
 def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:

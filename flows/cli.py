@@ -125,14 +125,14 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from chronomerge.report import markdown, write_outputs
+    from chronomerge.report import markdown, write_report
 
     cfg = _config(args)
     path = Path(cfg.paths.outputs) / "history.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `chronomerge run` first")
     history = json.loads(path.read_text())
-    written = write_outputs(history, cfg.paths.outputs, cfg.paths.metrics)
+    written = write_report(history, cfg.paths.outputs)
     print(markdown(history))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -21,7 +21,7 @@ from prefect import flow
 
 from chronomerge.config import Config, validate
 from chronomerge.data.streams import build_stream
-from chronomerge.report import acc_bwt_lower, write_outputs
+from chronomerge.report import acc_bwt_lower, write_report, write_results
 from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
@@ -93,7 +93,8 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False) -> dict:
         tracker.finish("FAILED")
         raise
     history = summary.pop("history")
-    paths = write_outputs(history, root / cfg.paths.outputs, root / cfg.paths.metrics)
+    paths = write_results(history, root / cfg.paths.outputs, root / cfg.paths.metrics)
+    paths += write_report(history, root / cfg.paths.outputs)
     summary["wall_seconds"] = time.perf_counter() - t_start
     summary["overhead_seconds"] = summary["wall_seconds"] - summary["compute_seconds"]
     tracker.finish("FINISHED", paths, {"lineage.deployed": summary["deployed"],
