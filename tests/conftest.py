@@ -21,3 +21,51 @@ def perturb(sd: dict[str, torch.Tensor], seed: int, scale: float = 0.01, only: s
 @pytest.fixture(scope="session")
 def tiny_experts(tiny_base):
     return [perturb(tiny_base, seed=i + 1) for i in range(4)]
+
+
+# -- pipeline fixtures: real Prefect (one local server per session), MLflow (SQLite), tiny data --
+TINY_PARAMS = {"data": {"size_factor": 0.1}, "pretrain": {"steps": 20, "batch_size": 32},
+               "stream": {"length": 3}, "train": {"steps": 5, "batch_size": 16}}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect API server for the whole session; yields its URL (for subprocesses too)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks  # noqa: F401  (environment defaults before Prefect starts)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def seeded_project(tmp_path_factory):
+    """Tiny datasets and a pretrained tiny base, made once; projects copy them."""
+    from chronomerge.config import validate
+    from chronomerge.stages import Workspace, run_base, run_prepare
+
+    root = tmp_path_factory.mktemp("seed")
+    c = validate(TINY_PARAMS).to_dict()
+    ws = Workspace(str(root / "store"), str(root / "data"))
+    run_prepare(ws, c["data"], False)
+    run_base(ws, c["model"], c["pretrain"], c["data"])
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, seeded_project, prefect_api, monkeypatch):
+    """A fresh project directory (own store, data copy, Prefect result storage, MLflow database)."""
+    import shutil
+
+    import yaml
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    shutil.copytree(seeded_project / "data", tmp_path / "data")
+    shutil.copytree(seeded_project / "store", tmp_path / "store")
+    params = {**TINY_PARAMS, "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / ".prefect" / "storage"}):
+        yield tmp_path

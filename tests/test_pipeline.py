@@ -1,0 +1,103 @@
+"""The stream flow with real Prefect, MLflow and the checkpoint store on a 3-task tiny stream."""
+import json
+
+from mlflow import MlflowClient
+
+from chronomerge.config import load_config
+from chronomerge.store import CheckpointStore
+from flows.cli import main
+from flows.stream import STAGES, stream_flow
+
+
+def run(project, *sets):
+    cfg = load_config(project / "params.yaml", list(sets))
+    return stream_flow(cfg.to_dict(), project=str(project), quiet=True)
+
+
+def statuses(summary, stage=None):
+    return [(s["t"], s["stage"], s["status"]) for s in summary["stages"] if stage in (None, s["stage"])]
+
+
+def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
+    first = run(project)
+    assert all(s == "computed" for _, _, s in statuses(first))
+    assert len(first["stages"]) == 3 * len(STAGES)
+    again = run(project)
+    assert all(s == "cached" for _, _, s in statuses(again))
+    assert again["deployed"] == first["deployed"] and again["final"] == first["final"]
+    metrics = json.loads((project / "outputs" / "metrics.json").read_text())
+    assert metrics["deployed"] == first["deployed"] and metrics["tasks"] == 3
+    assert 0 <= metrics["GM"] <= 1
+    for f in ("history.json", "curves.csv", "report.md", "plots/metrics.png", "plots/accuracy_matrix.png"):
+        assert (project / "outputs" / f).stat().st_size > 0
+
+
+def test_changing_the_deploy_technique_reruns_only_deploy_and_eval(project):
+    first = run(project)
+    second = run(project, "strategy.deploy.technique=ties")
+    for t, stage, status in statuses(second):
+        assert status == ("computed" if stage in ("deploy", "eval") else "cached"), (t, stage)
+    assert second["deployed"] != first["deployed"]
+
+
+def test_changing_the_learning_rate_reruns_from_the_first_train_on(project):
+    first = run(project)
+    second = run(project, "train.lr=0.001")
+    got = {(t, stage): status for t, stage, status in statuses(second)}
+    assert got.pop((1, "init")) == "cached"  # θ^I_1 = θ0 does not depend on training
+    assert set(got.values()) == {"computed"}
+    store = CheckpointStore(project / "store")
+    experts = [store.meta(h["checkpoints"]["expert"]) for h in
+               json.loads((project / "outputs" / "history.json").read_text())["steps"]]
+    assert [e["hparams"]["lr"] for e in experts] == [0.001] * 3
+    assert second["deployed"] != first["deployed"]
+
+
+def test_lengthening_the_stream_runs_only_the_new_tasks(project):
+    run(project)
+    longer = run(project, "stream.length=5")
+    for t, stage, status in statuses(longer):
+        assert status == ("cached" if t <= 3 else "computed"), (t, stage)
+
+
+def test_a_cached_result_whose_checkpoint_left_the_store_is_recomputed(project):
+    import shutil
+
+    shutil.copytree(project / "store", project / "store-with-base-only")
+    first = run(project)
+    shutil.rmtree(project / "store")
+    (project / "store-with-base-only").rename(project / "store")
+    again = run(project)
+    assert again["deployed"] == first["deployed"]
+    assert {s for _, stage, s in statuses(again) if stage == "train"} == {"computed"}
+    assert again["deployed"] in CheckpointStore(project / "store")
+
+
+def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, capsys):
+    summary = run(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    parent = client.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.lr"] == "0.002" and parent.data.params["stream.length"] == "3"
+    assert parent.data.tags["lineage.deployed"] == summary["deployed"]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "GM")] == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"metrics.json", "history.json", "report.md", "plots/metrics.png", "plots/accuracy_matrix.png"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    history = json.loads((project / "outputs" / "history.json").read_text())
+    store = CheckpointStore(project / "store")
+    for child in children:
+        t = int(child.data.tags["chronomerge.t"])
+        ids = history["steps"][t - 1]["checkpoints"]
+        for k in ("init", "expert", "deployed"):
+            assert child.data.tags[f"lineage.{k}"] == ids[k]
+            tag = child.data.tags[f"lineage.{k}.parents"]
+            assert (tag.split(",") if tag else []) == store.meta(ids[k])["parents"]
+        assert child.data.tags["stage.train"] == "computed"
+        assert "acc/eval-colours" in child.data.metrics
+        assert child.inputs.dataset_inputs, "the task's data is logged as an MLflow input"
+    assert main(["lineage", summary["run_id"]]) == 0
+    out = capsys.readouterr().out
+    assert summary["deployed"][:16] in out and "expert" in out and "base" in out

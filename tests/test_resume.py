@@ -1,0 +1,92 @@
+"""Crash and resume with real processes: SIGKILL mid-train and mid-write, then rerun the command."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from chronomerge.config import load_config
+from chronomerge.store import CheckpointStore
+from flows.cli import main
+from flows.stream import stream_flow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(project: Path, api: str, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO),
+           "PREFECT_HOME": str(project / ".prefect")}
+    cmd = [sys.executable, script, *args] if script else [sys.executable, "-m", "flows.cli", *args]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def reference(project):
+    """The deployed hash and metrics of the same stream run without interruption (another project)."""
+    import shutil
+
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    ref = project / "reference"
+    ref.mkdir()
+    for d in ("data", "store"):
+        shutil.copytree(project / d, ref / d)
+    cfg = load_config(project / "params.yaml", [f"tracking.mlflow_uri=sqlite:///{ref}/mlflow.db"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ref / ".prefect" / "storage"}):
+        summary = stream_flow(cfg.to_dict(), project=str(ref), quiet=True)
+    return summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("where,n,resumed", [
+    # 5 steps per task: the 12th step is task 3's 2nd; tasks 1-2 and task 3's init had finished.
+    ("train", 12, {(3, "init")}),
+    # writes: t1 expert, fisher, deployed; t2 init, expert, fisher, deployed (7th, half written).
+    ("store", 7, {(2, "init"), (2, "train"), (2, "store")}),
+], ids=["sigkill-in-train", "sigkill-in-store-write"])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, prefect_api, reference, where, n, resumed):
+    crashed = cli(project, prefect_api, where, str(n), script=str(REPO / "tests" / "crash_run.py"))
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    objects = project / "store" / "objects"
+    if where == "store":
+        assert list(objects.glob(".tmp-*")), "the killed writer left its half-written temp file"
+    done = cli(project, prefect_api, "run", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    deployed, metrics = reference
+    assert f"deployed: {deployed}" in done.stdout
+    assert json.loads((project / "outputs" / "metrics.json").read_text()) == metrics
+    # No stage that had finished before the kill ran again; everything after it did.
+    steps = json.loads((project / "outputs" / "history.json").read_text())["steps"]
+    first_unfinished = min(t for t, _ in resumed) if where == "store" else 3
+    for step in steps:
+        for stage, status in step["status"].items():
+            finished_before = step["t"] < first_unfinished or (step["t"], stage) in resumed
+            assert status == ("cached" if finished_before else "computed"), (step["t"], stage)
+    # The store holds no partial object, and every object verifies.
+    assert not list(objects.glob(".tmp-*"))
+    assert main(["verify", str(project / "store")]) == 0
+    # The killed run is marked in MLflow; the resumed one finished.
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                              "tags.`chronomerge.stream_key` != ''", order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]
+    assert parents[1].data.tags["chronomerge.resumed_from"] == parents[0].info.run_id
+
+
+def test_resume_reruns_the_last_started_run_and_status_reports_progress(project, prefect_api):
+    crashed = cli(project, prefect_api, "train", "7", script=str(REPO / "tests" / "crash_run.py"))
+    assert crashed.returncode == -9
+    status = cli(project, prefect_api, "status")
+    assert status.returncode == 0, status.stderr
+    assert "next: task 2, stage train" in status.stdout and "0/3 tasks complete" not in status.stdout
+    assert "1/3 tasks complete" in status.stdout
+    resumed = cli(project, prefect_api, "resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "deployed: " in resumed.stdout
+    status = cli(project, prefect_api, "status")
+    assert "3/3 tasks complete" in status.stdout
+    longer = cli(project, prefect_api, "status", "--set", "stream.length=4")
+    assert "next: task 4, stage init" in longer.stdout
