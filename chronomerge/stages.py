@@ -99,6 +99,7 @@ def run_init(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequenc
 def run_train(ws: Workspace, cfg: Mapping[str, Any], model_name: str, task: Mapping[str, Any], init: str,
               data_digest: str, previous_tasks: Sequence[Mapping[str, Any]]) -> dict:
     """Stage 2, train θ^S_t from θ^I_t on task t; writes the expert and its AdamW second moments."""
+    t0 = time.perf_counter()
     store = ws.open_store()
     t = task_from_dict(task)
     tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
@@ -113,7 +114,8 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], model_name: str, task: Mapp
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
     fisher = store.put(result.exp_avg_sq, kind="fisher", parents=[expert], technique="adamw_exp_avg_sq",
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
-    return {"expert": expert, "fisher": fisher, "seconds": result.seconds, "loss": result.losses[-1],
+    return {"expert": expert, "fisher": fisher, "seconds": time.perf_counter() - t0,
+            "loop_seconds": result.seconds, "loss": result.losses[-1],
             "images_per_second": result.images_per_second}
 
 
