@@ -28,10 +28,29 @@ def _config(args):
     return load_config(args.params, args.set)
 
 
+def _boot_prefect_server():
+    """Start Prefect's temporary local server in the background (it takes seconds to boot) while
+    torch and open_clip import; the flow then finds it running. None when PREFECT_API_URL names one."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    boot = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+    boot.start()
+    return boot
+
+
 def cmd_run(args, cfg=None) -> int:
+    cfg = cfg or _config(args)
+    boot = _boot_prefect_server()
     from flows.stream import stream_flow
 
-    cfg = cfg or _config(args)
+    if boot is not None:
+        boot.join()
     summary = stream_flow(cfg.to_dict(), project=".", quiet=args.quiet)
     f = summary["final"]
     print(f"final: A_KA {100 * f['A_KA']:.2f}  A_ZS {100 * f['A_ZS']:.2f}  GM {100 * f['GM']:.2f}  "
@@ -60,9 +79,10 @@ def peek_stage(stage_task, ws, *args):
 
     params = dict(inspect.signature(stage_task.fn).bind(ws, *args).arguments)
     path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(stage_task.name, stage_task.code_version, params)
-    if not path.exists():
-        return None
-    return json.loads(json.loads(path.read_text())["result"]), "done"
+    try:
+        return json.loads(json.loads(path.read_text())["result"]), "done"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, or a record cut short by a crash: Prefect recomputes it too
 
 
 def cmd_status(args) -> int:
@@ -120,8 +140,23 @@ def cmd_lineage(args) -> int:
             if k.startswith("lineage.") and k != "lineage.deployed":
                 print(f"  {k}: {tags[k]}")
         target = tags["lineage.deployed"]
+    elif cfg.tracking.enabled:
+        for run in _runs_that_deployed(cfg, target):
+            print(f"deployed by mlflow run {run.info.run_id} ({run.info.run_name}, task "
+                  f"{run.data.tags.get('chronomerge.t')}); git commit {run.data.tags.get('git.commit')}")
     print("\n".join(lineage_lines(store, target)))
     return 0
+
+
+def _runs_that_deployed(cfg, oid: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], f"tags.`lineage.deployed` = '{oid}'")
+            if "mlflow.parentRunId" in r.data.tags]
 
 
 def cmd_report(args) -> int:

@@ -101,3 +101,9 @@ def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, 
     assert main(["lineage", summary["run_id"]]) == 0
     out = capsys.readouterr().out
     assert summary["deployed"][:16] in out and "expert" in out and "base" in out
+    assert main(["lineage", summary["deployed"]]) == 0
+    out = capsys.readouterr().out
+    last = next(c for c in children if c.data.tags["chronomerge.t"] == "3")
+    assert f"deployed by mlflow run {last.info.run_id}" in out
+    assert "git commit unknown" in out  # the test project is not a git repository
+    assert out.count("expert  ") == 3, "each of the three experts is shown once"
