@@ -86,11 +86,11 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False) -> dict:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
     digests = prepare(ws, c["data"], bool(cfg.model.pretrained))
-    tracker.start(key, {**c, "_digest": cfg.digest()}, commit, digests, ws.data, stale)
+    tracker.start(key, c, cfg.digest(), commit, digests, ws.data, stale)
     try:
         summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     history = summary.pop("history")
     paths = write_results(history, root / cfg.paths.outputs, root / cfg.paths.metrics)

@@ -98,18 +98,18 @@ class Tracker:
                     self.client.set_terminated(r.info.run_id, "KILLED")
         return stale
 
-    def start(self, stream_key: str, config: Mapping[str, Any], commit: str, digests: Mapping[str, str],
-              data_root: str, resumed_from: list[str]) -> str | None:
+    def start(self, stream_key: str, config: Mapping[str, Any], config_digest: str, commit: str,
+              digests: Mapping[str, str], data_root: str, resumed_from: list[str]) -> str | None:
         if not self.enabled:
             return None
-        tags = {STREAM_TAG: stream_key, "chronomerge.config_digest": config.get("_digest", ""),
+        tags = {STREAM_TAG: stream_key, "chronomerge.config_digest": config_digest,
                 "chronomerge.pid": str(os.getpid()), "chronomerge.host": socket.gethostname(),
                 "git.commit": commit, "mlflow.source.git.commit": commit.removesuffix("+dirty")}
         if resumed_from:
             tags["chronomerge.resumed_from"] = ",".join(resumed_from)
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"stream-{stream_key[:12]}")
         self.parent = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in flatten({k: v for k, v in config.items() if k != "_digest"}).items()]
+        params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
         for chunk in _chunks(params, 100):
             self.client.log_batch(self.parent, params=chunk)
         self.client.log_inputs(self.parent, [self._dataset(name, dg, data_root) for name, dg in sorted(digests.items())])
