@@ -36,6 +36,7 @@ def test_dvc_repro_reruns_only_changed_stages(tmp_path, seeded_project, prefect_
         params[section].update(values)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(proj),
+           "PREFECT_HOME": str(proj / ".prefect"),
            "PREFECT_API_URL": prefect_api, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     sh(proj, env, "git", "init", "-q")
