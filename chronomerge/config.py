@@ -17,10 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chronomerge.data.streams import STREAMS
-from chronomerge.merge import RECENCY, TECHNIQUES, resolve_hparams
+from chronomerge.merge import CONTINUAL, RECENCY, TECHNIQUES, resolve_hparams
+from chronomerge.merge import params as P
 
 INIT_MODES = ("zs", "ft", "ema", "all")
-DEPLOY_MODES = ("ft", "ema", "all")
+DEPLOY_MODES = ("zs", "ft", "ema", "all", "continual")
 
 
 class ConfigError(ValueError):
@@ -93,7 +94,33 @@ class InitSpec(MergeSpec):
 
 
 class DeploySpec(MergeSpec):
+    """The deploy axis. `zs` deploys θ0 (the zero-shot baseline); `continual` folds each new expert
+    into a continual merger (OPCM, continual task arithmetic / TIES / averaging, CMM's Fisher merge)
+    whose state lives in the store, with `hparams` then being the merger's. `align` adds CMM's
+    post-merge alignment of the visual projection (L1 or L2 to the previous merged model's features)."""
+
     mode: Literal[DEPLOY_MODES] = "ema"  # type: ignore[valid-type]
+    merger: str = "opcm"
+    align: Literal["none", "l1", "l2"] = "none"
+    align_lr: float = Field(1e-3, gt=0)
+    align_batch_size: int = Field(64, ge=1)
+
+    @field_validator("merger")
+    @classmethod
+    def _known_merger(cls, v: str) -> str:
+        if v not in CONTINUAL:
+            raise ValueError(f"{v!r} is not allowed; expected one of {sorted(CONTINUAL)}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_hparams(self):
+        if self.mode == "continual":
+            P.resolve(self.merger, CONTINUAL[self.merger].PARAMS, self.hparams)
+        else:
+            resolve_hparams(self.technique, self.hparams)
+        if self.align != "none" and self.mode not in ("continual", "ema"):
+            raise ValueError(f"align needs a merged model to carry forward: mode 'continual' or 'ema', not {self.mode!r}")
+        return self
 
 
 class StrategySection(_Section):
@@ -110,7 +137,7 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
-    mode: Literal["clip", "vision"] = "clip"
+    mode: Literal["clip", "vision", "linear"] = "clip"  # linear: CMM's tangent-space fine-tuning
     train_text: bool = True
     replay_pretrain: float = Field(0.0, ge=0, lt=1)
     replay_previous: float = Field(0.0, ge=0, lt=1)
@@ -122,7 +149,7 @@ class TrainSection(_Section):
     def _replay(self):
         if self.replay_pretrain + self.replay_previous >= 1:
             raise ValueError("replay_pretrain + replay_previous must be < 1")
-        if self.mode == "vision" and (self.replay_pretrain or self.replay_previous):
+        if self.mode != "clip" and (self.replay_pretrain or self.replay_previous):
             raise ValueError("replay needs captions: use it with mode 'clip'")
         return self
 

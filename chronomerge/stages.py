@@ -22,7 +22,8 @@ from chronomerge.data.streams import Task, task_split
 from chronomerge.evaluate import score, summarize
 from chronomerge.models import create_model, get_tokenizer
 from chronomerge.store import CheckpointStore, atomic_write_bytes
-from chronomerge.strategies import compose
+from chronomerge.align import PROJECTION, align_projection
+from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
 from chronomerge.train import TrainConfig, train
 
 HELD_OUT = [d.name for d in catalog.EVALUATION]
@@ -135,12 +136,49 @@ def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, 
     return {**new, "manifest": manifest, "seconds": time.perf_counter() - t0}
 
 
-def run_deploy(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequence[str], previous: str | None) -> dict:
-    """Stage 4, deploy θ^O_t from the store (`strategies.compose`, deploy axis)."""
+def run_deploy(ws: Workspace, spec: Mapping[str, Any], model_name: str, base: str, experts: Sequence[str],
+               fishers: Sequence[str], previous: str | None, previous_state: str | None,
+               task: Mapping[str, Any]) -> dict:
+    """Stage 4, deploy θ^O_t from the store: a TIME deploy axis (`strategies.compose`) or a continual
+    merger (`strategies.continual_step`), then optionally CMM's post-merge alignment to the
+    previous merged model (θ0 at t = 1) on task t's images."""
     t0 = time.perf_counter()
-    oid = compose(ws.open_store(), spec, spec["mode"], base=base, experts=experts, previous=previous,
-                  kind="deployed", device=ws.device, extra={"role": "deploy", "t": len(experts)})
-    return {"deployed": oid, "seconds": time.perf_counter() - t0}
+    store = ws.open_store()
+    t = len(experts)
+    extra = {"role": "deploy", "t": t}
+    out: dict[str, Any] = {}
+    if spec["mode"] == "continual":
+        merger, merged = continual_step(store, spec, base=base, expert=experts[-1], fisher=fishers[-1],
+                                        previous_state=previous_state, device=ws.device)
+        if spec["align"] != "none":
+            aligned = _align(ws, spec, model_name, merged, previous or base, task)
+            merged[PROJECTION] = aligned
+            set_merged_tensor(merger, store.get(base), PROJECTION, aligned)
+        out["deployed"], out["state"] = store_continual(store, merger, merged, base=base, expert=experts[-1],
+                                                        previous_state=previous_state, extra=extra)
+        if merger.name == "opcm":
+            out["lambda"] = merger.lam
+    else:
+        oid = compose(store, spec, spec["mode"], base=base, experts=experts, previous=previous,
+                      kind="deployed", device=ws.device, extra=extra)
+        if spec["align"] != "none":
+            merged = store.load(oid)
+            merged[PROJECTION] = _align(ws, spec, model_name, merged, previous or base, task)
+            oid = store.put(merged, kind="deployed", parents=[oid, previous or base], technique="align",
+                            hparams={"loss": spec["align"], "lr": spec["align_lr"]}, extra=extra)
+        out["deployed"] = oid
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def _align(ws: Workspace, spec: Mapping[str, Any], model_name: str, merged: Mapping[str, torch.Tensor],
+           reference: str, task: Mapping[str, Any]) -> torch.Tensor:
+    store = ws.open_store()
+    model = create_model(model_name)
+    model.load_state_dict(dict(merged))
+    t = task_from_dict(task)
+    return align_projection(model, load_model(store, reference, model_name), task_split(ws.data, t, "train"),
+                            loss=spec["align"], lr=spec["align_lr"], batch_size=spec["align_batch_size"],
+                            device=ws.device, seed=t.index)
 
 
 def run_eval(ws: Workspace, model_name: str, deployed: str, tasks: Sequence[Mapping[str, Any]],

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chronomerge.data import Split
 from chronomerge.evaluate import normalize
 
+MODES = ("clip", "vision", "linear")
 TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
 
 
@@ -73,7 +75,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
     """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
 
     `mode="clip"`: symmetric InfoNCE between images and their captions (text tower trained unless
-    `train_text=False`). `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's
+    `train_text=False`). `mode="linear"`: as "vision", but the image tower is linearized around the
+    weights it starts from (CMM pre-merge; see `Linearized`). `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's
     classes with the text tower frozen; `head` defaults to the zero-shot head of `model` as given.
     """
     for name in ("steps", "batch_size"):
@@ -81,9 +84,9 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
             raise ValueError(f"train.{name}={getattr(cfg, name)!r} is not allowed; expected an integer >= 1")
     if not cfg.lr > 0:
         raise ValueError(f"train.lr={cfg.lr!r} is not allowed; expected a number > 0")
-    if cfg.mode not in ("clip", "vision"):
-        raise ValueError(f"train.mode={cfg.mode!r} is not allowed; expected one of ['clip', 'vision']")
-    if cfg.mode == "vision" and (cfg.replay_pretrain or cfg.replay_previous):
+    if cfg.mode not in MODES:
+        raise ValueError(f"train.mode={cfg.mode!r} is not allowed; expected one of {list(MODES)}")
+    if cfg.mode != "clip" and (cfg.replay_pretrain or cfg.replay_previous):
         raise ValueError("replay needs captions: use it with train.mode='clip'")
     if cfg.replay_pretrain + cfg.replay_previous >= 1:
         raise ValueError("train.replay_pretrain + train.replay_previous must be < 1")
@@ -96,16 +99,17 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
     train_text = cfg.train_text and cfg.mode == "clip"
     for name, p in model.named_parameters():
         p.requires_grad_(train_text or not is_text_param(name))
-    if cfg.mode == "vision" and head is None:
+    if cfg.mode != "clip" and head is None:
         from chronomerge.evaluate import text_head
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lin = Linearized(model) if cfg.mode == "linear" else None
+    params = lin.tau if lin else {n: p for n, p in model.named_parameters() if p.requires_grad}
     decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in params.items()}  # matrices only
     opt = torch.optim.AdamW([{"params": [p for n, p in params.items() if decays[n]], "weight_decay": cfg.weight_decay},
                              {"params": [p for n, p in params.items() if not decays[n]], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                             fused=dev.type == "cuda")
-    step_fn = _clip_step if cfg.mode == "clip" else _vision_step
-    fwd = torch.compile(model) if (cfg.compile and dev.type == "cuda") else model
+    step_fn = _clip_step if cfg.mode == "clip" else _vision_step  # linear: the vision step on f_lin
+    fwd = lin or (torch.compile(model) if (cfg.compile and dev.type == "cuda") else model)
     sources = [(task, 1 - cfg.replay_pretrain - (cfg.replay_previous if previous else 0.0))]
     if cfg.replay_pretrain:
         sources.append((replay_pool, cfg.replay_pretrain))
@@ -150,7 +154,9 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
     secs = end - t0
     if bar is not None:
         bar.close()
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in (params.items() if lin else model.named_parameters())}
+    if lin:
+        lin.fold()
     exp_avg_sq = {names[id(p)]: s["exp_avg_sq"].detach().float().cpu().clone()
                   for p, s in opt.state.items() if "exp_avg_sq" in s}
     for p in model.parameters():
@@ -158,6 +164,42 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainResult(state, exp_avg_sq, torch.stack(losses).float().cpu().tolist(), secs,
                        (cfg.steps - skip) * cfg.batch_size / max(end - t_steady, 1e-9))
+
+
+class Linearized(torch.nn.Module):
+    """The image tower linearized around θ0 (CMM pre-merge, tangent-space fine-tuning):
+
+        f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0) · τ      (torch.func.jvp)
+
+    Only τ (one tensor per image-tower parameter, zero at the start) is trained; the text tower
+    and θ0 stay frozen. `fold()` writes θ0 + τ into the model: the expert is a plain open_clip model.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.theta0 = {n: p.detach() for n, p in model.visual.named_parameters()}
+        self.tau = {f"visual.{n}": torch.nn.Parameter(torch.zeros_like(p)) for n, p in self.theta0.items()}
+        self.logit_scale = model.logit_scale
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        names = list(self.theta0)
+        f = lambda *p: torch.func.functional_call(self.model.visual, dict(zip(names, p)), (x,))  # noqa: E731
+        # Fused attention kernels have no forward-mode AD: use the plain (math) attention path.
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                out, jvp_out = torch.func.jvp(f, tuple(self.theta0.values()), tuple(self.tau.values()))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+        feats = out + jvp_out
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        for n, p in self.model.visual.named_parameters():
+            p.add_(self.tau[f"visual.{n}"])
 
 
 def _sync(dev: torch.device) -> None:

@@ -33,7 +33,7 @@ from tasks.tracking import Tracker, git_commit
 from tasks.train import train
 
 STAGES = ("init", "train", "store", "deploy", "eval")
-ID_FIELDS = ("base", "init", "expert", "fisher", "deployed")
+ID_FIELDS = ("base", "init", "expert", "fisher", "deployed", "state")
 STREAM_SECTIONS = ("model", "data", "pretrain", "stream", "strategy", "train")
 LAST_RUN = Path(".chronomerge") / "last-run.json"
 
@@ -118,7 +118,7 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
     stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed)
     eval_digests = {n: digests[n] for n in ADAPTATION + HELD_OUT}
     storage: dict[str, list[str]] = {"experts": [], "fishers": []}
-    prev_init = prev_deploy = None
+    prev_init = prev_deploy = prev_state = None
     for t, task in enumerate(stream, 1):
         replay = [task_to_dict(x) for x in stream[:t - 1]] if cfg.train.replay_previous else []
         calls = {
@@ -126,7 +126,8 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
             "train": lambda o: (train, c["train"], cfg.model.name, task_to_dict(task), o["init"]["init"],
                                 task_digest(task, digests), replay),
             "store": lambda o: (store, storage, o["train"]["expert"], o["train"]["fisher"]),
-            "deploy": lambda o: (deploy, c["strategy"]["deploy"], theta0, o["store"]["experts"], prev_deploy),
+            "deploy": lambda o: (deploy, c["strategy"]["deploy"], cfg.model.name, theta0, o["store"]["experts"],
+                                 o["store"]["fishers"], prev_deploy, prev_state, task_to_dict(task)),
             "eval": lambda o: (evaluate, cfg.model.name, o["deploy"]["deployed"],
                                [task_to_dict(x) for x in stream[:t]], eval_digests),
         }
@@ -141,6 +142,7 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
         yield task, outs, status
         storage = {"experts": outs["store"]["experts"], "fishers": outs["store"]["fishers"]}
         prev_init, prev_deploy = outs["init"]["init"], outs["deploy"]["deployed"]
+        prev_state = outs["deploy"].get("state")
 
 
 def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
