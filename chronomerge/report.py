@@ -60,6 +60,27 @@ def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path:
     return [metrics_path, out / "history.json", out / "curves.csv"]
 
 
+def task_vector_cosines(store, base: str, experts: Sequence[str]) -> list[list[float]]:
+    """Cosine similarity of the experts' task vectors τ_i = θ_i − θ0 over all floating parameters.
+
+    Streams one parameter at a time (memory: T copies of the largest tensor): G += A·Aᵀ with
+    A the T × n stack of that parameter's task vectors.
+    """
+    import torch
+
+    b = store.get(base)
+    models = [store.get(e) for e in experts]
+    gram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
+    for key in b:
+        if not b[key].dtype.is_floating_point:
+            continue
+        b0 = b[key].double().reshape(-1)
+        a = torch.stack([m[key].double().reshape(-1) - b0 for m in models])
+        gram += a @ a.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-30)
+    return (gram / norms[:, None] / norms[None, :]).tolist()
+
+
 def write_report(history: Mapping[str, Any], outputs: str | Path) -> list[Path]:
     """plots/metrics.png, plots/accuracy_matrix.png and report.md; returns the paths."""
     out = Path(outputs)
@@ -100,8 +121,31 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     fig.tight_layout()
     heat = folder / "accuracy_matrix.png"
     _save(fig, heat)
+    out = [curves, heat]
+    lams = [s.get("lambda") for s in steps]
+    if any(v is not None for v in lams):  # OPCM: adaptive λ(t) against √t (OPCM, Eq. 7 and Thm 5.2)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(ts, lams, marker="o", ms=3, label="λ(t)")
+        ax.plot(ts, [math.sqrt(t) for t in ts], ls="--", label="√t")
+        ax.set_xlabel("task t")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out.append(folder / "opcm_lambda.png")
+        _save(fig, out[-1])
+    if history.get("task_vector_cosine"):
+        cos = np.asarray(history["task_vector_cosine"])
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        im = ax.imshow(cos, vmin=-1, vmax=1, cmap="coolwarm")
+        fig.colorbar(im, ax=ax, label="cos(τ_i, τ_j)")
+        ax.set_title("task-vector cosine similarity")
+        ax.set_xlabel("task j")
+        ax.set_ylabel("task i")
+        fig.tight_layout()
+        out.append(folder / "task_vector_cosine.png")
+        _save(fig, out[-1])
     plt.close("all")
-    return [curves, heat]
+    return out
 
 
 def _save(fig, path: Path) -> None:

@@ -11,6 +11,7 @@ MLflow (`tasks.tracking`); results land in `paths.outputs` and `paths.metrics`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from prefect import flow
 
 from chronomerge.config import Config, validate
 from chronomerge.data.streams import build_stream
-from chronomerge.report import acc_bwt_lower, write_report, write_results
+from chronomerge.report import acc_bwt_lower, task_vector_cosines, write_report, write_results
 from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
@@ -166,7 +167,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         step = {"t": t, "task": task.name, "A_KA": e_out["A_KA"], "A_ZS": e_out["A_ZS"], "GM": e_out["GM"],
                 **acc_bwt_lower(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
-                "data_digest": task_digest(task, digests)}
+                "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda")}
         steps.append(step)
         _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n, _ in task.parts})
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
@@ -174,7 +175,9 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
             + f"  A_KA {100 * step['A_KA']:.1f}  A_ZS {100 * step['A_ZS']:.1f}  GM {100 * step['GM']:.1f}")
     title = (f"{cfg.stream.kind} × {length}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
              f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}")
-    history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps}
+    experts = [s["checkpoints"]["expert"] for s in steps]
+    history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
+               "task_vector_cosine": task_vector_cosines(ws.open_store(), theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
             "stages": stages, "compute_seconds": compute, "history": history,
             "final": {k: steps[-1][k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}}
@@ -191,6 +194,9 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
     metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss")}
     metrics.update({f"acc/{n}": v for n, v in step["scores"].items()})
     metrics.update({f"time/{s}": v for s, v in step["seconds"].items()})
+    if step["lambda"] is not None:
+        metrics.update({"opcm/lambda": step["lambda"], "opcm/sqrt_t": math.sqrt(step["t"])})
     parent = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}
+    parent.update({k: v for k, v in metrics.items() if k.startswith("opcm/")})
     parent.update({f"time/{s}": v for s, v in step["seconds"].items()})
     tracker.log_task(step["t"], step["task"], metrics, parent, tags, datasets, ws.data)

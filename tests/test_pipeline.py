@@ -1,6 +1,9 @@
 """The stream flow with real Prefect, MLflow and the checkpoint store on a 3-task tiny stream."""
 import json
 
+import numpy as np
+import pytest
+import torch
 from mlflow import MlflowClient
 
 from chronomerge.config import load_config
@@ -107,3 +110,59 @@ def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, 
     assert f"deployed by mlflow run {last.info.run_id}" in out
     assert "git commit unknown" in out  # the test project is not a git repository
     assert out.count("expert  ") == 3, "each of the three experts is shown once"
+
+
+def test_opcm_deploys_through_its_stored_state_and_logs_lambda(project):
+    import math
+
+    from chronomerge.merge import OPCM, load_merger
+
+    sets = ["strategy.init.mode=zs", "train.mode=vision", "strategy.deploy.mode=continual",
+            "strategy.deploy.merger=opcm"]
+    summary = run(project, *sets)
+    history = json.loads((project / "outputs" / "history.json").read_text())
+    store = CheckpointStore(project / "store")
+    experts = [store.load(s["checkpoints"]["expert"]) for s in history["steps"]]
+    reference = OPCM(store.get(summary["base"]), device="cpu")
+    for step, expert in zip(history["steps"], experts):
+        merged = reference.update(expert)
+        deployed = store.load(step["checkpoints"]["deployed"])
+        assert all(torch.equal(deployed[k], merged[k]) for k in merged), step["t"]
+        assert step["lambda"] == pytest.approx(reference.lam)
+    state = store.meta(history["steps"][-1]["checkpoints"]["deployed"])["parents"][0]
+    assert store.meta(state)["kind"] == "merger-state"
+    assert load_merger(store, state, store.get(summary["base"])).t == 3
+    cos = np.asarray(history["task_vector_cosine"])
+    assert cos.shape == (3, 3) and np.allclose(np.diag(cos), 1)
+    assert (project / "outputs" / "plots" / "opcm_lambda.png").exists()
+    assert (project / "outputs" / "plots" / "task_vector_cosine.png").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    lam = client.get_metric_history(summary["run_id"], "opcm/lambda")
+    assert [m.step for m in lam] == [1, 2, 3] and lam[0].value == 1.0
+    assert client.get_metric_history(summary["run_id"], "opcm/sqrt_t")[-1].value == pytest.approx(math.sqrt(3))
+    # Switching the merger's diagonal convention reuses every expert.
+    other = run(project, *sets, "strategy.deploy.hparams={zero_diagonal: false}")
+    assert {s for _, stage, s in statuses(other) if stage in ("init", "train", "store")} == {"cached"}
+    assert other["deployed"] != summary["deployed"]
+
+
+def test_cmm_fisher_merge_with_alignment_and_the_zero_shot_baseline(project):
+    from chronomerge.merge import FisherMerge
+
+    summary = run(project, "strategy.init.mode=zs", "train.mode=linear", "strategy.deploy.mode=continual",
+                  "strategy.deploy.merger=fisher_merge", "strategy.deploy.align=l2")
+    history = json.loads((project / "outputs" / "history.json").read_text())
+    store = CheckpointStore(project / "store")
+    base = store.get(summary["base"])
+    reference = FisherMerge(base, device="cpu")
+    for step in history["steps"]:
+        ids = step["checkpoints"]
+        merged = reference.update(store.get(ids["expert"]), fisher=store.get(ids["fisher"]))
+        deployed = store.load(ids["deployed"])
+        # Everything but the aligned projection is the Fisher merge; the projection moved.
+        assert all(torch.equal(deployed[k], merged[k]) for k in merged if k != "visual.proj")
+        assert not torch.equal(deployed["visual.proj"], merged["visual.proj"])
+        reference.current["visual.proj"] = deployed["visual.proj"].clone()  # carried forward
+    zs = run(project, "strategy.init.mode=zs", "train.mode=linear", "strategy.deploy.mode=zs")
+    assert zs["deployed"] == summary["base"]
+    assert {s for _, stage, s in statuses(zs) if stage == "train"} == {"cached"}
