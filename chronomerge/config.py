@@ -57,6 +57,7 @@ class StreamSection(_Section):
     kind: Literal[STREAMS] = "dataset-incremental"  # type: ignore[valid-type]
     length: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
+    multitask: bool = False  # the joint-training baseline: one task of all the stream's data, T × the steps
 
 
 class MergeSpec(_Section):

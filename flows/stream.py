@@ -10,6 +10,7 @@ MLflow (`tasks.tracking`); results land in `paths.outputs` and `paths.metrics`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 from prefect import flow
 
 from chronomerge.config import Config, validate
-from chronomerge.data.streams import build_stream
+from chronomerge.data.streams import build_stream, multitask
 from chronomerge.report import acc_bwt_lower, task_vector_cosines, write_report, write_results
 from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
@@ -117,6 +118,9 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
     yield "base", got[0], got[1]
     theta0 = got[0]["base"]
     stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed)
+    if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
+        stream = [dataclasses.replace(multitask(stream), index=0)]
+        c["train"] = {**c["train"], "steps": c["train"]["steps"] * cfg.stream.length}
     eval_digests = {n: digests[n] for n in ADAPTATION + HELD_OUT}
     storage: dict[str, list[str]] = {"experts": [], "fishers": []}
     prev_init = prev_deploy = prev_state = None
@@ -150,7 +154,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
                commit: str, echo: Callable[[str], None]) -> dict:
     steps, stages, rows = [], [], []
     compute = 0.0
-    length = cfg.stream.length
+    length = 1 if cfg.stream.multitask else cfg.stream.length
     walker = walk(cfg, ws, digests)
     _, base_out, base_status = next(walker)
     theta0 = base_out["base"]
@@ -173,7 +177,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
             + f"  A_KA {100 * step['A_KA']:.1f}  A_ZS {100 * step['A_ZS']:.1f}  GM {100 * step['GM']:.1f}")
-    title = (f"{cfg.stream.kind} × {length}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
+    title = (f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
              f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}")
     experts = [s["checkpoints"]["expert"] for s in steps]
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,

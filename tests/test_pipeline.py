@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 from chronomerge.config import load_config
 from chronomerge.store import CheckpointStore
 from flows.cli import main
+from chronomerge.data.streams import build_stream, multitask
+from chronomerge.stages import task_digest
 from flows.stream import STAGES, stream_flow
 
 
@@ -166,3 +168,17 @@ def test_cmm_fisher_merge_with_alignment_and_the_zero_shot_baseline(project):
     zs = run(project, "strategy.init.mode=zs", "train.mode=linear", "strategy.deploy.mode=zs")
     assert zs["deployed"] == summary["base"]
     assert {s for _, stage, s in statuses(zs) if stage == "train"} == {"cached"}
+
+
+def test_the_multitask_baseline_trains_once_on_all_the_streams_data_with_its_whole_budget(project):
+    summary = run(project, "stream.multitask=true", "strategy.deploy.mode=ft")
+    history = json.loads((project / "outputs" / "history.json").read_text())
+    assert len(history["steps"]) == 1 and summary["deployed"] == history["steps"][0]["checkpoints"]["expert"]
+    expert = CheckpointStore(project / "store").meta(summary["deployed"])
+    assert expert["hparams"]["steps"] == 3 * 5
+    assert expert["extra"]["task"] == "multitask"
+    joint = multitask(build_stream("dataset-incremental", 3))
+    assert len(joint.parts) == 3
+    digests = json.loads((project / "data" / "manifest.json").read_text())["datasets"]
+    assert expert["data_digest"] == task_digest(joint, digests), "trained on the three datasets joined"
+    assert len(history["steps"][0]["row"]) == 1
