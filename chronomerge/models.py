@@ -12,12 +12,21 @@ TINY = "chronoclip-tiny"
 _registered = False
 
 
+def _not_random_init_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def register_embedded_configs() -> None:
-    """Register chronomerge's architecture JSONs (e.g. `chronoclip-tiny`) with open_clip, once."""
+    """Register chronomerge's architecture JSONs (e.g. `chronoclip-tiny`) with open_clip, once.
+
+    Also drops open_clip's root-logger notice that a model was initialised randomly: chronomerge
+    builds models that way on purpose before loading stored weights into them.
+    """
     global _registered
     if not _registered:
         for path in sorted(CONFIG_DIR.glob("*.json")):
             open_clip.add_model_config(path)
+        logging.getLogger().addFilter(_not_random_init_notice)
         _registered = True
 
 
@@ -30,15 +39,7 @@ def create_model(name: str = TINY, pretrained: str | None = None, seed: int = 0)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; known: {TINY!r} and open_clip.list_models()")
     torch.manual_seed(seed)
-    if pretrained:
-        return open_clip.create_model(name, pretrained=pretrained)
-    quiet = logging.getLogger()  # open_clip warns at root level that no weights were loaded: intended here
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        return open_clip.create_model(name, pretrained=None)
-    finally:
-        quiet.setLevel(level)
+    return open_clip.create_model(name, pretrained=pretrained)
 
 
 def get_tokenizer(name: str = TINY):

@@ -5,6 +5,7 @@
     chronomerge status                         which tasks and stages are done (cached) and what is next
     chronomerge lineage <checkpoint-id | mlflow-run-id>
     chronomerge report                         plots and the metrics table from the last run's outputs
+    chronomerge sweep sweeps/time-pairs.yaml   a grid of streams sharing cached work, compared
     chronomerge prepare | pretrain             the DVC stages before the stream
 """
 from __future__ import annotations
@@ -159,6 +160,27 @@ def _runs_that_deployed(cfg, oid: str) -> list:
             if "mlflow.parentRunId" in r.data.tags]
 
 
+def cmd_sweep(args) -> int:
+    import yaml
+
+    from chronomerge.config import apply_overrides
+    from flows.sweep import load_sweep, points, sweep_flow
+
+    sweep = load_sweep(args.sweep)
+    raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    raw = apply_overrides(raw or {}, args.set)
+    n = len(points(raw, sweep))  # every point validated before anything runs
+    print(f"sweep {sweep['name']}: {n} runs, {args.workers} at a time")
+    boot = _boot_prefect_server()
+    if boot is not None:
+        boot.join()
+    summary = sweep_flow(raw, sweep, project=".", workers=args.workers)
+    folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
+    print((folder / "summary.md").read_text())
+    print(f"wrote {folder}/summary.md, summary.csv, plots/; {summary['wall_seconds']:.0f} s")
+    return 0
+
+
 def cmd_report(args) -> int:
     from chronomerge.report import markdown, write_report
 
@@ -212,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help in (("run", cmd_run, "run (or resume) the stream in params.yaml"),
                            ("resume", cmd_resume, "rerun the last run started here; finished stages are cached")):
         pipeline(name, fn, help).add_argument("--quiet", action="store_true", help="no per-task progress lines")
+    sw = pipeline("sweep", cmd_sweep, "run a grid of streams (a sweep file) sharing cached work")
+    sw.add_argument("sweep", help="sweep file, e.g. sweeps/time-pairs.yaml")
+    sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2)")
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from") \
         .add_argument("target", help="checkpoint id (64 hex digits) or MLflow run id")

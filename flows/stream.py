@@ -71,8 +71,9 @@ def run_stage(task, ws: Workspace, *args) -> tuple[dict, str]:
 
 
 @flow(name="chronomerge-stream", validate_parameters=False)
-def stream_flow(config: dict, project: str = ".", quiet: bool = False) -> dict:
-    """Run (or resume) the stream described by `config` (a params dict); returns its summary."""
+def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dict | None = None) -> dict:
+    """Run (or resume) the stream described by `config` (a params dict); returns its summary.
+    `tags` are added to the MLflow parent run (a sweep names itself and the point)."""
     t_start = time.perf_counter()
     echo = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     cfg = validate(config)
@@ -88,7 +89,7 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False) -> dict:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
     digests = prepare(ws, c["data"], bool(cfg.model.pretrained))
-    tracker.start(key, c, cfg.digest(), commit, digests, ws.data, stale)
+    tracker.start(key, c, cfg.digest(), commit, digests, ws.data, stale, tags or {})
     try:
         summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
     except BaseException as e:

@@ -99,7 +99,8 @@ class Tracker:
         return stale
 
     def start(self, stream_key: str, config: Mapping[str, Any], config_digest: str, commit: str,
-              digests: Mapping[str, str], data_root: str, resumed_from: list[str]) -> str | None:
+              digests: Mapping[str, str], data_root: str, resumed_from: list[str],
+              extra_tags: Mapping[str, str] | None = None) -> str | None:
         if not self.enabled:
             return None
         tags = {STREAM_TAG: stream_key, "chronomerge.config_digest": config_digest,
@@ -107,6 +108,7 @@ class Tracker:
                 "git.commit": commit, "mlflow.source.git.commit": commit.removesuffix("+dirty")}
         if resumed_from:
             tags["chronomerge.resumed_from"] = ",".join(resumed_from)
+        tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"stream-{stream_key[:12]}")
         self.parent = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in flatten(config).items()]

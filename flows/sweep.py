@@ -1,0 +1,163 @@
+"""The sweep flow: a grid over the design space as parallel stream runs that share cached work.
+
+A sweep file names a base (overrides of params.yaml) and a grid of fields to vary:
+
+    name: time-pairs
+    base: {}
+    grid:
+      strategy.init.mode: [zs, ft, ema, all]
+      strategy.deploy.mode: [ft, ema, all]
+
+Every point is a full stream run (`flows.stream.stream_flow`, its own MLflow parent run tagged
+with the sweep) writing to `<outputs>/sweeps/<name>/<point>/`. Stage results are cached by content
+and locked (tasks/cache.py), so points with the same init and training share their experts:
+the same expert is never trained twice, even by two points running at once. The sweep ends with
+a comparison table (`summary.md`, `summary.csv`) and TIME-style plots.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from chronomerge.config import ConfigError, apply_overrides, validate
+from chronomerge.store import atomic_write_bytes
+from flows.stream import stream_flow
+from tasks.tracking import Tracker
+
+METRICS = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a sweep file: `name`, `base` (overrides), `grid` (field → list of values)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such sweep file")
+    sweep = yaml.safe_load(p.read_text()) or {}
+    unknown = sorted(set(sweep) - {"name", "base", "grid"})
+    if unknown:
+        raise ConfigError(f"{p}: unknown field(s) {unknown}; allowed fields: ['base', 'grid', 'name']")
+    grid = sweep.get("grid") or {}
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{p}: grid must map each field to a non-empty list of values")
+    return {"name": str(sweep.get("name") or p.stem), "base": sweep.get("base") or {}, "grid": grid}
+
+
+def _flatten_overrides(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flatten_overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
+def points(raw: dict, sweep: dict) -> list[tuple[str, dict]]:
+    """(name, validated config dict) for every point of the grid, outputs separated per point."""
+    base = apply_overrides(raw, _flatten_overrides(sweep["base"]))
+    fields = list(sweep["grid"])
+    out = []
+    for values in itertools.product(*(sweep["grid"][f] for f in fields)):
+        name = ",".join(f"{f.split('.')[-2] if f.count('.') else f}.{f.split('.')[-1]}={v}"
+                        for f, v in zip(fields, values))
+        sets = [f"{f}={json.dumps(v)}" for f, v in zip(fields, values)]
+        cfg = validate(apply_overrides(base, sets), f"sweep point {name}")
+        folder = Path(cfg.paths.outputs) / "sweeps" / sweep["name"] / _slug(name)
+        paths = {"outputs": str(folder), "metrics": str(folder / "metrics.json")}
+        out.append((name, validate({**cfg.to_dict(), "paths": {**cfg.to_dict()["paths"], **paths}})))
+    return [(n, c.to_dict()) for n, c in out]
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+
+
+@flow(name="chronomerge-sweep", validate_parameters=False)
+def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True) -> dict:
+    """Run every point of `sweep` over the raw params `raw`; returns the comparison summary."""
+    t0 = time.perf_counter()
+    runs = points(raw, sweep)
+    first = validate(runs[0][1])
+    Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
+    tags = {"chronomerge.sweep": sweep["name"]}
+
+    def one(point: tuple[str, dict]) -> dict:
+        name, config = point
+        summary = stream_flow(config, project=project, quiet=quiet, tags={**tags, "chronomerge.point": name})
+        return {"point": name, **summary}
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, runs))
+    wall = time.perf_counter() - t0
+    trained = sum(s["status"] == "computed" for r in results for s in r["stages"] if s["stage"] == "train")
+    requested = sum(1 for r in results for s in r["stages"] if s["stage"] == "train")
+    summary = {"sweep": sweep["name"], "points": len(results), "wall_seconds": wall,
+               "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
+               "results": [{"point": r["point"], "deployed": r["deployed"], "run_id": r["run_id"],
+                            "outputs": str(Path(project) / config["paths"]["outputs"]), **r["final"]}
+                           for r, (_, config) in zip(results, runs)]}
+    folder = Path(project) / validate(raw).paths.outputs / "sweeps" / sweep["name"]
+    write_sweep_outputs(summary, folder)
+    return summary
+
+
+def write_sweep_outputs(summary: dict, folder: Path) -> list[Path]:
+    """summary.json, summary.csv, summary.md and plots/{curves,final_gm}.png under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = sorted(summary["results"], key=lambda r: -r["GM"])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["point", *METRICS, "deployed"])
+    for r in rows:
+        w.writerow([r["point"], *(f"{r[m]:.6f}" for m in METRICS), r["deployed"]])
+    atomic_write_bytes(folder / "summary.csv", buf.getvalue().encode())
+    atomic_write_bytes(folder / "summary.json", json.dumps(summary, indent=1).encode())
+    lines = [f"# sweep {summary['sweep']}: {summary['points']} runs in {summary['wall_seconds']:.0f} s", "",
+             f"Train stages: {summary['train_stages']} requested, {summary['trainings_run']} run, "
+             f"{summary['trainings_shared']} shared through the cache.", "",
+             "| point | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines += [f"| {r['point']} | " + " | ".join(f"{100 * r[m]:.1f}" for m in METRICS) + " |" for r in rows]
+    atomic_write_bytes(folder / "summary.md", ("\n".join(lines) + "\n").encode())
+    return [folder / "summary.csv", folder / "summary.json", folder / "summary.md", *_plots(summary, folder)]
+
+
+def _plots(summary: dict, folder: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chronomerge.report import _save
+
+    (folder / "plots").mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    for r in summary["results"]:
+        steps = json.loads((Path(r["outputs"]) / "history.json").read_text())["steps"]
+        for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
+            ax.plot([s["t"] for s in steps], [100 * s[m] for s in steps], label=r["point"], lw=1.2)
+    for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
+        ax.set_title(m)
+        ax.set_xlabel("task t")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    curves = folder / "plots" / "curves.png"
+    _save(fig, curves)
+    rows = sorted(summary["results"], key=lambda r: r["GM"])
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1.2))
+    ax.barh([r["point"] for r in rows], [100 * r["GM"] for r in rows])
+    ax.set_xlabel("final GM (%)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    bars = folder / "plots" / "final_gm.png"
+    _save(fig, bars)
+    plt.close("all")
+    return [curves, bars]
