@@ -8,7 +8,9 @@ and optional `torch.compile` on a GPU. Returns the trained weights and AdamW's `
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,7 +96,6 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
         raise ValueError("train.replay_pretrain > 0 needs the pretraining pool (replay_pool)")
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     model.to(dev)
     train_text = cfg.train_text and cfg.mode == "clip"
     for name, p in model.named_parameters():
@@ -102,6 +103,18 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
     if cfg.mode != "clip" and head is None:
         from chronomerge.evaluate import text_head
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
+    with (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
+        return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
+                      head=head)
+
+
+# torch's forward-mode AD levels (and the attention fast-path switch) are process-global: linearized
+# trainings in threads of one process (a sweep's parallel runs) take turns.
+_FORWARD_AD = threading.Lock()
+
+
+def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> TrainResult:
+    gen = torch.Generator().manual_seed(cfg.seed)
     lin = Linearized(model) if cfg.mode == "linear" else None
     params = lin.tau if lin else {n: p for n, p in model.named_parameters() if p.requires_grad}
     decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in params.items()}  # matrices only

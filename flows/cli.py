@@ -184,6 +184,8 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from chronomerge.report import markdown, write_report
 
+    if args.reproduce:
+        return _reproduce(args)
     cfg = _config(args)
     path = Path(cfg.paths.outputs) / "history.json"
     if not path.exists():
@@ -192,6 +194,23 @@ def cmd_report(args) -> int:
     written = write_report(history, cfg.paths.outputs)
     print(markdown(history))
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _reproduce(args) -> int:
+    import yaml
+
+    from flows.reproduce import reproduce
+
+    if len(args.seeds) < 1:
+        raise ValueError("--seeds needs at least one seed")
+    raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    boot = _boot_prefect_server()
+    if boot is not None:
+        boot.join()
+    path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set)
+    print(path.read_text())
+    print(f"wrote {path}")
     return 0
 
 
@@ -240,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from") \
         .add_argument("target", help="checkpoint id (64 hex digits) or MLflow run id")
-    pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
+    rp = pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
+    rp.add_argument("--reproduce", action="store_true",
+                    help="run the papers' experiments over seeds and report whether their findings hold")
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    rp.add_argument("--workers", type=int, default=2)
     pipeline("prepare", cmd_prepare, "generate or check the datasets (DVC stage)")
     pipeline("pretrain", cmd_pretrain, "the base model θ0 (DVC stage)")
     core_cli.add_core_commands(sub)
