@@ -9,7 +9,6 @@ import pytest
 from mlflow import MlflowClient
 
 from chronomerge.config import load_config
-from chronomerge.store import CheckpointStore
 from flows.cli import main
 from flows.stream import stream_flow
 
