@@ -11,7 +11,11 @@ def test_the_repository_params_file_states_exactly_the_defaults():
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"strategy": {"deploy": {"mode": "zs"}}}, "strategy.deploy.mode: 'zs' is not allowed; expected one of 'ft', 'ema' or 'all'"),
+    ({"strategy": {"deploy": {"mode": "latest"}}}, "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'"),
+    ({"strategy": {"deploy": {"mode": "continual", "merger": "opcm", "hparams": {"keep": 0.2}}}},
+     "strategy.deploy: opcm: unknown hyperparameter(s) ['keep']; allowed: ['alpha', 'scaling', 'zero_diagonal']"),
+    ({"strategy": {"deploy": {"merger": "ewc"}}}, "strategy.deploy.merger: 'ewc' is not allowed; expected one of ['continual_average'"),
+    ({"strategy": {"deploy": {"mode": "all", "align": "l1"}}}, "align needs a merged model to carry forward"),
     ({"strategy": {"init": {"mode": "best"}}}, "strategy.init.mode: 'best' is not allowed; expected one of 'zs', 'ft', 'ema' or 'all'"),
     ({"strategy": {"init": {"technique": "mean"}}}, "strategy.init.technique: 'mean' is not allowed; expected one of ['average'"),
     ({"strategy": {"deploy": {"technique": "ties", "hparams": {"keep": 0}}}}, "keep=0 is not allowed; expected a real number in (0, 1]"),
@@ -59,7 +63,7 @@ def test_the_command_line_reports_a_bad_field_and_exits_2(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--set", "strategy.deploy.mode=latest"]) == 2
     err = capsys.readouterr().err
-    assert "strategy.deploy.mode: 'latest' is not allowed; expected one of 'ft', 'ema' or 'all'" in err
+    assert "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'" in err
     assert not (tmp_path / "store").exists(), "nothing runs before the config is valid"
 
 
