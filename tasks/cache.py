@@ -6,9 +6,10 @@ source and the core modules it depends on, so a change in a helper invalidates t
 data live, which device) is not part of the key: a result is a set of content ids, valid anywhere
 those objects exist; the flow checks they do and recomputes when they do not.
 
-Stages run under SERIALIZABLE isolation with file locks (in PREFECT_HOME/locks): when two flow
-runs (a sweep's, or two processes) reach the same stage key at once, one computes it and the other
-waits and reads the cached result, so the same expert is never trained twice.
+Stages run under SERIALIZABLE isolation with flock locks (in PREFECT_HOME/locks, tasks/locks.py):
+when two flow runs (a sweep's, or two processes) reach the same stage key at once, one computes it
+and the other waits and reads the cached result, so the same expert is never trained twice; a lock
+held by a killed process is released with it.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 
 import chronomerge
+from tasks.locks import ProcessLockManager
 
 CORE = Path(chronomerge.__file__).parent
 
@@ -52,7 +53,7 @@ def stage(name: str, modules: tuple[str, ...]):
     def wrap(fn: Callable):
         version = code_version(fn, modules)
         policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: stage_key(name, version, params)).configure(
-            isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(Path(PREFECT_HOME.value()) / "locks"))
+            isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(Path(PREFECT_HOME.value()) / "locks"))
         t = task(name=name, cache_policy=policy, persist_result=True, result_serializer="json",
                  cache_result_in_memory=False)(fn)
         t.code_version = version
