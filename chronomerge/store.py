@@ -45,6 +45,10 @@ _META_KEY = "chronomerge"
 _FORMAT = 1
 
 
+class NonFiniteError(ValueError):
+    """A checkpoint to store holds NaN or infinite values."""
+
+
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -152,6 +156,8 @@ class CheckpointStore:
         """Store `tensors` and return the object id; an existing identical object is reused.
 
         Tensors equal (by digest) to a same-named tensor of a parent are stored as references.
+        A floating tensor with NaN or infinite values raises `NonFiniteError`: a diverged
+        training or merge fails at its stage instead of feeding later ones.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
@@ -180,6 +186,9 @@ class CheckpointStore:
             if t.dtype not in DTYPE_NAMES:
                 raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
             t = t.detach().cpu().contiguous()
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"refusing to store a {kind} checkpoint ({technique or 'no technique'}): "
+                                     f"tensor {name!r} has NaN or infinite values (training or merging diverged)")
             digest = tensor_digest(t)
             held_by = inherited.get((name, digest))
             if held_by is None:

@@ -57,8 +57,9 @@ def experiments(seeds: list[int]) -> list[dict[str, Any]]:
 
 
 def run_experiments(raw: dict, seeds: list[int], project: str, workers: int) -> dict[str, list[dict]]:
-    """Run (or read from the cache) every experiment; returns name → per-point results."""
-    out = {}
+    """Run (or read from the cache) every experiment; returns name → per-point results, and under
+    "failed" the points that did not finish (a diverged merge or training) with their errors."""
+    out: dict[str, list[dict]] = {"failed": []}
     for exp in experiments(seeds):
         if "same" in exp:  # one sweep per technique value, both axes set together
             (dst, src), = exp["same"].items()
@@ -67,10 +68,14 @@ def run_experiments(raw: dict, seeds: list[int], project: str, workers: int) -> 
                 sub = {"name": f"{exp['name']}-{tech}",
                        "base": apply_overrides(exp["base"], [f"{src}={tech}", f"{dst}={tech}"]),
                        "grid": {k: v for k, v in exp["grid"].items() if k != src}}
-                rows += [{**r, "technique": tech} for r in sweep_flow(raw, sub, project=project, workers=workers)["results"]]
+                summary = sweep_flow(raw, sub, project=project, workers=workers)
+                rows += [{**r, "technique": tech} for r in summary["results"]]
+                out["failed"] += [{**f, "experiment": exp["name"], "technique": tech} for f in summary["failed"]]
             out[exp["name"]] = rows
         else:
-            out[exp["name"]] = sweep_flow(raw, exp, project=project, workers=workers)["results"]
+            summary = sweep_flow(raw, exp, project=project, workers=workers)
+            out[exp["name"]] = summary["results"]
+            out["failed"] += [{**f, "experiment": exp["name"]} for f in summary["failed"]]
     return out
 
 
@@ -97,11 +102,23 @@ def _pct(a: dict) -> str:
 
 
 def _wins(a: dict, b: dict) -> int:
-    return sum(a["by_seed"][s] > b["by_seed"][s] for s in a["by_seed"])
+    return sum(a["by_seed"][s] > b["by_seed"][s] for s in a["by_seed"] if s in b["by_seed"])
 
 
 def findings(res: dict[str, list[dict]]) -> list[dict]:
-    """Each headline finding: claim, verdict, figures."""
+    """Each headline finding: claim, verdict, figures; a group whose runs failed is reported as not judged."""
+    out: list[dict] = []
+    for group in (_time_findings, _opcm_findings, _cmm_findings):
+        try:
+            out += group(res)
+        except (KeyError, StopIteration, ValueError) as e:
+            out.append({"claim": group.__doc__, "holds": None, "seeds": "-",
+                        "figures": f"not judged: a run it needs did not finish ({e!r}); see the failed runs"})
+    return out
+
+
+def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
+    """TIME's findings"""
     out = []
     pairs = aggregate(res["pairs"], "GM")
     offline = pairs["init.mode=zs,deploy.mode=all"]
@@ -118,13 +135,27 @@ def findings(res: dict[str, list[dict]]) -> list[dict]:
                 "seeds": f"{sum(all(best['by_seed'][s] >= v['by_seed'][s] for v in pairs.values()) for s in best['by_seed'])}/{n}",
                 "figures": "; ".join(f"{k.replace('init.mode=', '').replace(',deploy.mode=', '/')} {_pct(v)}" for k, v in ranked)})
     techs = aggregate(res["techniques"], "GM")
-    t_spread = max(v["mean"] for v in techs.values()) - min(v["mean"] for v in techs.values())
+    diverged: dict[str, int] = {}
+    for f in res["failed"]:
+        if f["experiment"] == "techniques":
+            diverged[f["technique"]] = diverged.get(f["technique"], 0) + 1
+    whole = {k: v for k, v in techs.items() if k.split("=")[-1] not in diverged}
+    t_spread = max(v["mean"] for v in whole.values()) - min(v["mean"] for v in whole.values())
     p_spread = ranked[0][1]["mean"] - ranked[-1][1]["mean"]
     out.append({"claim": "TIME: under Best-in-TIME the merge technique matters less than the init/deploy strategy "
                          "(GM spread across techniques < spread across pairs)",
                 "holds": t_spread < p_spread, "seeds": "-",
                 "figures": f"spread across techniques {100 * t_spread:.1f}, across pairs {100 * p_spread:.1f}; "
-                           + "; ".join(f"{k.split('=')[-1]} {_pct(v)}" for k, v in sorted(techs.items(), key=lambda kv: -kv[1]['mean']))})
+                           + "; ".join(f"{k.split('=')[-1]} {_pct(v)}" for k, v in sorted(whole.items(), key=lambda kv: -kv[1]['mean']))
+                           + "".join(f"; {t} did not finish on {k}/{n} seeds (excluded from the spread; see the failed runs)"
+                                     for t, k in sorted(diverged.items()))})
+    return out
+
+
+def _opcm_findings(res: dict[str, list[dict]]) -> list[dict]:
+    """OPCM's findings"""
+    out = []
+    n = len(aggregate(res["opcm"], "ACC")["deploy.merger=opcm"]["by_seed"])
     for metric in ("ACC", "BWT"):
         agg = aggregate(res["opcm"], metric)
         diag = aggregate(res["opcm-diagonal"], metric)[""]
@@ -136,6 +167,12 @@ def findings(res: dict[str, list[dict]]) -> list[dict]:
                     "seeds": f"{min(_wins(o, v) for v in base.values())}/{n}",
                     "figures": f"OPCM {_pct(o)} (diagonal kept: {_pct(diag)}); "
                                + "; ".join(f"{k} {_pct(v)}" for k, v in others.items())})
+    return out
+
+
+def _cmm_findings(res: dict[str, list[dict]]) -> list[dict]:
+    """CMM's findings"""
+    out = []
     cmm = aggregate(res["cmm"], "ACC")
 
     def pick(mode, merger, align):
@@ -146,7 +183,7 @@ def findings(res: dict[str, list[dict]]) -> list[dict]:
                            ("Fisher merge (vs averaging)", pick("linear", "continual_average", "l1")),
                            ("post-merge alignment", pick("linear", "fisher_merge", "none"))):
         out.append({"claim": f"CMM: {stage} raises ACC (full CMM vs without this stage)",
-                    "holds": full["mean"] > without["mean"], "seeds": f"{_wins(full, without)}/{n}",
+                    "holds": full["mean"] > without["mean"], "seeds": f"{_wins(full, without)}/{len(full['by_seed'])}",
                     "figures": f"full {_pct(full)} vs without {_pct(without)} "
                                f"(contribution {100 * (full['mean'] - without['mean']):+.1f})"})
     return out
@@ -157,7 +194,11 @@ def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dic
              f"Seeds (task orders): {settings['seeds']}. Profile: {settings['profile']}. "
              "Figures: mean ± standard deviation over seeds, in %; 'seeds' = on how many seeds the claim holds.", "",
              "| finding | holds | seeds | figures |", "|---|---|---|---|"]
-    lines += [f"| {f['claim']} | {'yes' if f['holds'] else '**no**'} | {f['seeds']} | {f['figures']} |" for f in found]
+    verdict = {True: "yes", False: "**no**", None: "not judged"}
+    lines += [f"| {f['claim']} | {verdict[f['holds']]} | {f['seeds']} | {f['figures']} |" for f in found]
+    if res["failed"]:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [f"- {f['experiment']} {f.get('technique', '')} {f['point']}: {f['error']}" for f in res["failed"]]
     lines += ["", "Per-experiment tables and plots: `outputs/sweeps/<experiment>/`.", ""]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "reproduction.md"

@@ -93,7 +93,8 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     try:
         summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
     except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                       tags={"chronomerge.error": f"{type(e).__name__}: {e}"[:4000]})
         raise
     history = summary.pop("history")
     paths = write_results(history, root / cfg.paths.outputs, root / cfg.paths.metrics)

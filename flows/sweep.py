@@ -86,25 +86,32 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary."""
     t0 = time.perf_counter()
     runs = points(raw, sweep)
-    first = validate(runs[0][1])
+    first, *_ = [validate(config) for _, config in runs]  # every point's config errors, before any run
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
 
     def one(point: tuple[str, dict]) -> dict:
+        """A point's run summary, or its error: a diverged configuration is a result, not the sweep's end."""
         name, config = point
-        summary = stream_flow(config, project=project, quiet=quiet, tags={**tags, "chronomerge.point": name})
+        try:
+            summary = stream_flow(config, project=project, quiet=quiet, tags={**tags, "chronomerge.point": name})
+        except Exception as e:
+            return {"point": name, "error": f"{type(e).__name__}: {e}"}
         return {"point": name, **summary}
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(one, runs))
+        outcomes = list(pool.map(one, runs))
     wall = time.perf_counter() - t0
-    trained = sum(s["status"] == "computed" for r in results for s in r["stages"] if s["stage"] == "train")
-    requested = sum(1 for r in results for s in r["stages"] if s["stage"] == "train")
-    summary = {"sweep": sweep["name"], "points": len(results), "wall_seconds": wall,
+    done = [(o, config) for o, (_, config) in zip(outcomes, runs) if "error" not in o]
+    failed = [o for o in outcomes if "error" in o]
+    trained = sum(s["status"] == "computed" for r, _ in done for s in r["stages"] if s["stage"] == "train")
+    requested = sum(1 for r, _ in done for s in r["stages"] if s["stage"] == "train")
+    summary = {"sweep": sweep["name"], "points": len(outcomes), "wall_seconds": wall,
                "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
                "results": [{"point": r["point"], "deployed": r["deployed"], "run_id": r["run_id"],
                             "outputs": str(Path(project) / config["paths"]["outputs"]), **r["final"]}
-                           for r, (_, config) in zip(results, runs)]}
+                           for r, config in done],
+               "failed": failed}
     folder = Path(project) / validate(raw).paths.outputs / "sweeps" / sweep["name"]
     write_sweep_outputs(summary, folder)
     return summary
@@ -126,6 +133,9 @@ def write_sweep_outputs(summary: dict, folder: Path) -> list[Path]:
              f"{summary['trainings_shared']} shared through the cache.", "",
              "| point | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     lines += [f"| {r['point']} | " + " | ".join(f"{100 * r[m]:.1f}" for m in METRICS) + " |" for r in rows]
+    if summary["failed"]:
+        lines += ["", f"{len(summary['failed'])} point(s) failed:", ""]
+        lines += [f"- {f['point']}: {f['error']}" for f in summary["failed"]]
     atomic_write_bytes(folder / "summary.md", ("\n".join(lines) + "\n").encode())
     return [folder / "summary.csv", folder / "summary.json", folder / "summary.md", *_plots(summary, folder)]
 

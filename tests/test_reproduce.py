@@ -30,3 +30,30 @@ def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figure
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     assert data["findings"][3]["holds"] == (mean["opcm"] > max(mean["continual_task_arithmetic"], mean["continual_ties"]))
     assert "stream.length=2" in report
+
+
+def _rows(points, seeds=(0, 1), value=lambda p, s: 0.1):
+    return [{"point": f"{p},stream.seed={s}".lstrip(","), "GM": value(p, s), "ACC": value(p, s), "BWT": -value(p, s)}
+            for p in points for s in seeds]
+
+
+def test_runs_that_did_not_finish_are_reported_not_scored():
+    from flows.reproduce import findings
+
+    pairs = [f"init.mode={i},deploy.mode={d}" for i in ("zs", "ft", "ema", "all") for d in ("ft", "ema", "all")]
+    gm = {"average": 0.30, "ties": 0.34}
+    res = {
+        "pairs": _rows(pairs, value=lambda p, s: 0.1 + 0.01 * pairs.index(p)),
+        "replay": _rows([""]), "offline": _rows(["deploy.recency=uniform"]),
+        "techniques": [{**r, "technique": t} for t in gm for r in _rows([""], value=lambda p, s: gm[t])],
+        "opcm": _rows([f"deploy.merger={m}" for m in ("opcm", "continual_task_arithmetic", "continual_ties")]),
+        "opcm-diagonal": _rows([""]), "cmm": [],
+        "failed": [{"experiment": "techniques", "technique": "dare_ties", "point": f"stream.seed={s}",
+                    "error": "NonFiniteError: ..."} for s in (0, 1)],
+    }
+    found = findings(res)
+    spread = next(f for f in found if "matters less" in f["claim"])
+    assert "spread across techniques 4.0" in spread["figures"] and "across pairs 11.0" in spread["figures"]
+    assert spread["holds"] is True and "dare_ties did not finish on 2/2 seeds" in spread["figures"]
+    (cmm,) = [f for f in found if f["claim"] == "CMM's findings"]
+    assert cmm["holds"] is None and cmm["figures"].startswith("not judged")

@@ -10,7 +10,7 @@ import torch
 
 from chronomerge.merge import merge
 from chronomerge.statedict import CorruptCheckpointError, LazyStateDict
-from chronomerge.store import CheckpointStore
+from chronomerge.store import CheckpointStore, NonFiniteError
 from conftest import perturb
 
 
@@ -33,7 +33,7 @@ def test_ids_are_content_addresses_stable_across_processes(tmp_path, tiny_base):
     oid = CheckpointStore(tmp_path / "a").put(tiny_base, kind="base")
     script = textwrap.dedent(f"""
         from chronomerge.models import create_model
-        from chronomerge.store import CheckpointStore
+        from chronomerge.store import CheckpointStore, NonFiniteError
         sd = create_model(seed=0).state_dict()
         print(CheckpointStore({str(tmp_path / 'b')!r}).put(sd, kind="base"))
     """)
@@ -124,7 +124,7 @@ def test_a_writer_killed_mid_write_leaves_no_object(tmp_path, tiny_base):
     script = textwrap.dedent(f"""
         import os, signal, safetensors.torch as st
         from chronomerge.models import create_model
-        from chronomerge.store import CheckpointStore
+        from chronomerge.store import CheckpointStore, NonFiniteError
         real = st.save_file
         def dying(tensors, path, metadata=None):
             real(tensors, path, metadata)
@@ -167,3 +167,16 @@ def test_bad_store_input_is_rejected(tmp_path, tiny_base):
         store.load("../../etc/passwd")
     with pytest.raises(KeyError):
         store.load("f" * 64)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tiny_base, bad):
+    store = CheckpointStore(tmp_path)
+    base = store.put(tiny_base, kind="base")
+    diverged = dict(tiny_base)
+    name = sorted(diverged)[3]
+    diverged[name] = diverged[name].clone().flatten().index_fill(0, torch.tensor([0]), bad).view_as(diverged[name])
+    with pytest.raises(NonFiniteError, match=f"deployed checkpoint \\(dare_ties\\): tensor '{name}' has NaN or infinite"):
+        store.put(diverged, kind="deployed", parents=[base], technique="dare_ties")
+    assert store.ids() == [base]
+    assert not list((tmp_path / "objects").glob(".tmp-*"))

@@ -47,3 +47,19 @@ def test_sweep_files_and_points_are_validated_before_anything_runs(tmp_path):
     assert [c["train"]["lr"] for _, c in got] == [0.1, 0.2]
     assert got[0][1]["paths"]["metrics"] == "outputs/sweeps/x/train.lr=0.1/metrics.json"
     assert json.dumps(got)  # plain, JSON-able configs
+
+
+def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    lr = load_config(project / "params.yaml").train.lr
+    summary = sweep_flow(raw, {"name": "lr", "base": {}, "grid": {"train.lr": [lr, 1e30]}}, project=str(project))
+    assert [r["point"] for r in summary["results"]] == [f"train.lr={lr}"]
+    (failed,) = summary["failed"]
+    assert failed["point"] == "train.lr=1e+30" and "NonFiniteError" in failed["error"]
+    assert "has NaN or infinite values" in failed["error"]
+    assert "train.lr=1e+30: NonFiniteError" in (project / "outputs" / "sweeps" / "lr" / "summary.md").read_text()
+    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                              "tags.`chronomerge.point` = 'train.lr=1e+30'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "NaN or infinite" in runs[0].data.tags["chronomerge.error"]
