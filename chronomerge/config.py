@@ -58,6 +58,16 @@ class StreamSection(_Section):
     length: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
     multitask: bool = False  # the joint-training baseline: one task of all the stream's data, T × the steps
+    tasks: list[str] = Field(default_factory=list)  # kind arrivals: dataset names under data.root, in order
+
+    @model_validator(mode="after")
+    def _arrivals(self):
+        if (self.kind == "arrivals") != bool(self.tasks):
+            raise ValueError("tasks lists the datasets of kind 'arrivals' (set by `chronomerge update`); "
+                             "the other kinds take none")
+        if self.tasks and len(self.tasks) != self.length:
+            raise ValueError(f"length={self.length} must equal the number of tasks ({len(self.tasks)})")
+        return self
 
 
 class MergeSpec(_Section):
@@ -161,6 +171,45 @@ class TrackingSection(_Section):
     experiment: str = "chronomerge"
 
 
+GATED = Literal["A_KA", "A_ZS", "GM", "ACC"]
+
+
+class GateSection(_Section):
+    """Promotion gate: each metric of the candidate ≥ the promoted model's value − tolerance, and
+    ≥ its floor (an absolute minimum, checked for the first model too)."""
+
+    metrics: list[GATED] = Field(default_factory=lambda: ["A_ZS"], min_length=1)
+    tolerance: float = Field(0.02, ge=0, le=1)
+    floor: dict[GATED, float] = Field(default_factory=dict)
+
+    @field_validator("floor")
+    @classmethod
+    def _fractions(cls, v: dict) -> dict:
+        bad = {k: x for k, x in v.items() if not 0 <= x <= 1}
+        if bad:
+            raise ValueError(f"{bad} is not allowed; floors are accuracies in [0, 1]")
+        return v
+
+
+class UpdateSection(_Section):
+    """The continual update service (`chronomerge update`, `chronomerge serve`)."""
+
+    incoming: str = "incoming"             # new task datasets arrive here, one folder each
+    interval: int | None = Field(300, ge=1)  # seconds between scheduled runs
+    cron: str | None = None                # a cron schedule instead of the interval
+    gate: GateSection = Field(default_factory=GateSection)
+    registered_model: str = "chronomerge-deployed"  # MLflow registered model of promoted models
+    alias: str = "production"              # its alias on the promoted version
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if (self.interval is None) == (self.cron is None):
+            raise ValueError("set exactly one of interval (seconds) and cron")
+        if self.alias.lower() == "latest":
+            raise ValueError("alias 'latest' is reserved by MLflow; choose another, e.g. production")
+        return self
+
+
 class PathsSection(_Section):
     store: str = "store"
     outputs: str = "outputs"
@@ -175,6 +224,7 @@ class Config(_Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    update: UpdateSection = Field(default_factory=UpdateSection)
     paths: PathsSection = Field(default_factory=PathsSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

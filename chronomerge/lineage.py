@@ -67,3 +67,11 @@ def ancestors(store: CheckpointStore, oid: str) -> set[str]:
             out.add(p)
             todo += store.meta(p)["parents"] if p in store else []
     return out
+
+
+def experts_in(store: CheckpointStore, oid: str) -> list[str]:
+    """The experts whose weights reach `oid` through any chain of parents (merge inputs, inits), in
+    task order: what a deployed model is made of."""
+    nodes = ancestors(store, oid) | {oid}
+    experts = [n for n in nodes if n in store and store.meta(n)["kind"] == "expert"]
+    return sorted(experts, key=lambda n: (store.meta(n)["extra"].get("t", 0), n))

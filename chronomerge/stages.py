@@ -18,6 +18,7 @@ import torch
 
 from chronomerge.benchmark import ensure_base, load_model
 from chronomerge.data import catalog, load_split, prepare
+from chronomerge.data.generate import dataset_digest
 from chronomerge.data.streams import Task, task_split
 from chronomerge.evaluate import score, summarize
 from chronomerge.models import create_model, get_tokenizer
@@ -68,10 +69,20 @@ def task_digest(task: Task, digests: Mapping[str, str]) -> str:
 
 
 # -- before the stream -------------------------------------------------------------------------
-def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool) -> dict[str, str]:
-    """Generate (or check) every dataset the stream and its evaluation read; `{name: digest}`."""
+def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool, arrived: Sequence[str] = ()) -> dict[str, str]:
+    """Generate (or check) every dataset the stream and its evaluation read; `{name: digest}`.
+
+    `arrived` names datasets that are not generated but arrived (`chronomerge update` copies them
+    under the data root); each must be there, and is digested as it is."""
     names = ADAPTATION + HELD_OUT + ([] if pretrained else [catalog.PRETRAIN.name])
-    return prepare(ws.data, data["seed"], names, size_factor=data["size_factor"])
+    digests = prepare(ws.data, data["seed"], names, size_factor=data["size_factor"])
+    for name in arrived:
+        if name not in digests:
+            folder = Path(ws.data) / name
+            if not (folder / "meta.json").exists():
+                raise FileNotFoundError(f"stream.tasks names {name!r}, but {folder} holds no dataset")
+            digests[name] = dataset_digest(folder)
+    return digests
 
 
 def run_base(ws: Workspace, model: Mapping[str, Any], pretrain: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
@@ -193,7 +204,7 @@ def run_eval(ws: Workspace, model_name: str, deployed: str, tasks: Sequence[Mapp
     row = []
     for d in tasks:
         t = task_from_dict(d)
-        whole = len(t.parts) == 1 and t.parts[0][1] is None
+        whole = len(t.parts) == 1 and t.parts[0][1] is None and t.parts[0][0] in scores
         row.append(scores[t.parts[0][0]] if whole else score(model, tok, task_split(ws.data, t, "test"), ws.device))
     return {"scores": scores, "row": row, **summarize(scores, ADAPTATION, HELD_OUT),
             "seconds": time.perf_counter() - t0}

@@ -87,6 +87,7 @@ def peek_stage(stage_task, ws, *args):
 
 
 def cmd_status(args) -> int:
+    from chronomerge.data.generate import dataset_digest
     from flows.stream import STAGES, stream_key, walk, workspace
 
     cfg = _config(args)
@@ -98,6 +99,7 @@ def cmd_status(args) -> int:
         print(f"data: not prepared ({manifest} missing); next: prepare")
         return 0
     digests = json.loads(manifest.read_text())["datasets"]
+    digests |= {n: dataset_digest(Path(ws.data) / n) for n in cfg.stream.tasks if n not in digests}
     done = 0
     walker = walk(cfg, ws, digests, runner=peek_stage)
     base_seen = False
@@ -124,6 +126,10 @@ def cmd_lineage(args) -> int:
     cfg = _config(args)
     store = CheckpointStore(cfg.paths.store)
     target = args.target
+    if args.at or (target and len(target) == 64 and target not in store):
+        return cmd_lineage_at(args, cfg)
+    if target is None:
+        raise ValueError("lineage needs a checkpoint id, an MLflow run id, or --at TIME")
     if len(target) != 64:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -149,6 +155,40 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_lineage_at(args, cfg) -> int:
+    """`lineage --at TIME` (and any checkpoint missing from the store): from MLflow alone."""
+    from datetime import datetime, timezone
+
+    from mlflow import MlflowClient
+
+    from tasks.audit import deployed_at, made_of
+
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {cfg.tracking.experiment!r} in {cfg.tracking.mlflow_uri}")
+    target = args.target
+    if args.at:
+        when = datetime.now(timezone.utc) if args.at == "now" else datetime.fromisoformat(args.at)
+        when = when if when.tzinfo else when.astimezone()  # a time without a zone is local time
+        version = deployed_at(client, cfg.update.registered_model, int(when.timestamp() * 1000))
+        if version is None:
+            raise ValueError(f"nothing of {cfg.update.registered_model!r} was promoted at or before {when.isoformat()}")
+        promoted = datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc)
+        target = version.tags["lineage.deployed"]
+        print(f"deployed at {when.isoformat()}: {cfg.update.registered_model} version {version.version}, "
+              f"promoted {promoted.isoformat()} ({version.tags.get('gate', '')})")
+    found = made_of(client, exp.experiment_id, target)
+    tags = found["run"].data.tags
+    print(f"model {target}\n  deployed by task run {found['run'].info.run_id} ({found['run'].info.run_name}); "
+          f"git commit {tags.get('git.commit')}; base {tags.get('lineage.base', '-')[:16]}")
+    print(f"  made of {len(found['experts'])} expert(s):")
+    for e in found["experts"]:
+        data = ", ".join(f"{n} {d[:16]}" for n, d in e["datasets"]) or "-"
+        print(f"    t={e['t']}  {e['task']}  expert {e['expert'][:16]}  data {str(e['data'])[:16]}  datasets: {data}")
+    return 0
+
+
 def _runs_that_deployed(cfg, oid: str) -> list:
     from mlflow import MlflowClient
 
@@ -158,6 +198,99 @@ def _runs_that_deployed(cfg, oid: str) -> list:
         return []
     return [r for r in client.search_runs([exp.experiment_id], f"tags.`lineage.deployed` = '{oid}'")
             if "mlflow.parentRunId" in r.data.tags]
+
+
+def cmd_diff(args) -> int:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.audit import diff
+
+    cfg = _config(args)
+    try:
+        changes = diff(MlflowClient(tracking_uri=cfg.tracking.mlflow_uri), args.run_a, args.run_b)
+    except MlflowException as e:
+        raise ValueError(f"diff: {e.message}") from None
+    for section, rows in changes.items():
+        print(f"{section}: {'no change' if not rows else f'{len(rows)} change(s)'}")
+        for key, a, b in rows:
+            if isinstance(a, float) and isinstance(b, float):
+                print(f"  {key}: {a:.4f} -> {b:.4f} ({b - a:+.4f})")
+            else:
+                print(f"  {key}: {a} -> {b}")
+    return 0
+
+
+def cmd_update(args) -> int:
+    boot = _boot_prefect_server()
+    from flows.update import update_flow
+
+    if boot is not None:
+        boot.join()
+    d = update_flow(project=".", params=args.params, sets=args.set)
+    print(f"{d['status']}: {d['reason']}")
+    for r in d["rejected"]:
+        print(f"rejected {r['name']}: {r['reason']}")
+    if "candidate" in d:
+        m = d["metrics"]
+        print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
+              f"A_KA {100 * m['A_KA']:.2f}  A_ZS {100 * m['A_ZS']:.2f}  GM {100 * m['GM']:.2f}")
+    store = CheckpointStore(_config(args).paths.store)
+    print(f"deployed (latest): {store.ref('latest') or '-'}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    cfg = _config(args)
+    boot = _boot_prefect_server()
+    from flows.update import update_flow
+
+    if boot is not None:
+        boot.join()
+        from prefect.server.api.server import SubprocessASGIServer
+
+        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url  # for the runs it starts
+    schedule = {"interval": cfg.update.interval} if cfg.update.interval else {"cron": cfg.update.cron}
+    print(f"serving chronomerge-update every {schedule}; new task data goes in {cfg.update.incoming}/", flush=True)
+    update_flow.serve(name="chronomerge-update", parameters={"project": str(Path.cwd()), "params": args.params,
+                                                            "sets": args.set}, **schedule)
+    return 0
+
+
+def cmd_arrive(args) -> int:
+    import shutil
+
+    from chronomerge.data import catalog, prepare
+
+    cfg = _config(args)
+    names = [d.name for d in catalog.ADAPTATION]
+    if args.dataset not in names:
+        raise ValueError(f"arrive: {args.dataset!r} is not an adaptation dataset; expected one of {names}")
+    prepare(cfg.data.root, cfg.data.seed, [args.dataset], size_factor=cfg.data.size_factor)
+    target = Path(cfg.update.incoming) / args.dataset
+    if target.exists():
+        raise ValueError(f"arrive: {target} exists already")
+    tmp = target.with_name(f".tmp-{args.dataset}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(cfg.data.root) / args.dataset, tmp)
+    tmp.rename(target)
+    print(f"arrived: {target}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from chronomerge.export import export_open_clip
+
+    cfg = _config(args)
+    store = CheckpointStore(cfg.paths.store)
+    oid = store.ref(args.checkpoint) if args.checkpoint == "latest" else args.checkpoint
+    if oid is None:
+        raise ValueError("export: nothing promoted yet (the store has no 'latest' ref)")
+    path = export_open_clip(store, oid, args.path, cfg.model.name)
+    print(f"exported {oid} to {path}: open_clip.create_model({cfg.model.name!r}, pretrained={str(path)!r})")
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -257,8 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("sweep", help="sweep file, e.g. sweeps/time-pairs.yaml")
     sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2)")
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
-    pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from") \
-        .add_argument("target", help="checkpoint id (64 hex digits) or MLflow run id")
+    lg = pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from")
+    lg.add_argument("target", nargs="?", help="checkpoint id (64 hex digits) or MLflow run id")
+    lg.add_argument("--at", metavar="TIME", help="the model promoted at TIME (ISO 8601, or 'now'), from MLflow alone")
+    df = pipeline("diff", cmd_diff, "what changed between two MLflow runs: config, data, metrics, lineage")
+    df.add_argument("run_a")
+    df.add_argument("run_b")
+    pipeline("update", cmd_update, "one continual update now: new data in update.incoming → train, merge, gate")
+    pipeline("serve", cmd_serve, "serve the update flow as a Prefect deployment on the params schedule")
+    ar = pipeline("arrive", cmd_arrive, "drop an embedded-benchmark dataset into update.incoming (a demo of new data)")
+    ar.add_argument("dataset", help="an adaptation dataset of the embedded benchmark, e.g. letters-photo")
+    ex = pipeline("export", cmd_export, "write a stored checkpoint as a plain open_clip checkpoint")
+    ex.add_argument("checkpoint", help="checkpoint id, or 'latest' for the promoted model")
+    ex.add_argument("path", help="output file, ending in .safetensors")
     rp = pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
     rp.add_argument("--reproduce", action="store_true",
                     help="run the papers' experiments over seeds and report whether their findings hold")

@@ -23,6 +23,7 @@ from prefect import flow
 
 from chronomerge.config import Config, validate
 from chronomerge.data.streams import build_stream, multitask
+from chronomerge.lineage import experts_in
 from chronomerge.report import acc_bwt_lower, task_vector_cosines, write_report, write_results
 from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
@@ -88,7 +89,7 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     if stale:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
-    digests = prepare(ws, c["data"], bool(cfg.model.pretrained))
+    digests = prepare(ws, c["data"], bool(cfg.model.pretrained), cfg.stream.tasks)
     tracker.start(key, c, cfg.digest(), commit, digests, ws.data, stale, tags or {})
     try:
         summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
@@ -119,7 +120,7 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
         return
     yield "base", got[0], got[1]
     theta0 = got[0]["base"]
-    stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed)
+    stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed, tuple(cfg.stream.tasks))
     if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
         stream = [dataclasses.replace(multitask(stream), index=0)]
         c["train"] = {**c["train"], "steps": c["train"]["steps"] * cfg.stream.length}
@@ -195,6 +196,9 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
     tags = {f"lineage.{k}": v for k, v in ids.items()}
     tags.update({f"lineage.{k}.parents": ",".join(store_.meta(ids[k])["parents"])
                  for k in ("init", "expert", "deployed")})
+    # What the deployed model is made of, by 16-hex prefixes (≈17 characters per expert, so a
+    # 100-task stream fits an MLflow tag): `chronomerge lineage --at` answers from MLflow alone.
+    tags["lineage.made_of"] = ",".join(e[:16] for e in experts_in(store_, ids["deployed"]))
     tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
                  **{f"stage.{s}": v for s, v in step["status"].items()}})
     metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss")}

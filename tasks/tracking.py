@@ -146,3 +146,25 @@ class Tracker:
             if path.exists():
                 self.client.log_artifact(self.parent, str(path), "plots" if path.suffix == ".png" else None)
         self.client.set_terminated(self.parent, status)
+
+
+def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Add tags to a finished run (an update's gate decision on its stream run)."""
+    MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()])
+
+
+def register_promotion(uri: str, model: str, alias: str, deployed: str, source: str, run_id: str,
+                       tags: Mapping[str, str]) -> str:
+    """A new version of registered model `model` for a promoted checkpoint, and `alias` moved to it.
+    The version's creation time is when it was promoted; `chronomerge lineage --at` reads it."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_registered_model(model)
+    except MlflowException:
+        client.create_registered_model(model, description="chronomerge: models promoted by continual updates")
+    version = client.create_model_version(model, source, run_id=run_id,
+                                          tags={"lineage.deployed": deployed, **tags})
+    client.set_registered_model_alias(model, alias, version.version)
+    return version.version

@@ -1,0 +1,87 @@
+"""The continual update flow: new task data arrived → train, merge, evaluate → promote if it passes.
+
+One run, under a project-wide lock (two at once wait in turn, so none trains a task twice or
+writes the same record):
+1. receive: register the complete, readable datasets in `update.incoming` that are new, in arrival
+   order (`chronomerge.arrivals`), copy them under the data root and `dvc add` the incoming folder;
+2. the stream flow over every arrived dataset (stream kind `arrivals`): stages of earlier tasks are
+   cache hits, so only the new tasks run init → train → store → deploy → eval;
+3. promote: the candidate deployed model passes the gate (`chronomerge.promotion.gate`) against the
+   promoted one → the store's `latest` ref and the MLflow registered model's alias move to it;
+   otherwise the previous model stays, and the decision says why. Every decision is recorded in
+   `.chronomerge/promotions.json` and as tags on the stream's MLflow run.
+
+    chronomerge update          # one run now
+    chronomerge serve           # a Prefect deployment on the schedule in params (update.interval / cron)
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from prefect import flow
+
+from chronomerge import promotion
+from chronomerge.arrivals import read_arrivals
+from chronomerge.config import apply_overrides, load_config
+from chronomerge.store import CheckpointStore
+from flows.stream import stream_flow
+from tasks.locks import ProcessLockManager
+from tasks.tracking import tag_run
+from tasks.update import receive, register, register_promotion, version_data
+
+LATEST = "latest"
+
+
+@flow(name="chronomerge-update", validate_parameters=False)
+def update_flow(project: str = ".", params: str | None = "params.yaml", sets: list[str] | None = None) -> dict:
+    """One continual update of the project at `project`; returns its decision record."""
+    root = Path(project).resolve()
+    locks = ProcessLockManager(root / ".chronomerge" / "locks")
+    holder = uuid.uuid4().hex
+    locks.acquire_lock("update", holder)
+    try:
+        return _update(root, params, list(sets or []))
+    finally:
+        locks.release_lock("update", holder)
+
+
+def _update(root: Path, params: str | None, sets: list[str]) -> dict:
+    cfg = load_config(None if params is None else root / params, sets)
+    incoming, data_root = root / cfg.update.incoming, root / cfg.data.root
+    new, rejected = receive(incoming, data_root, read_arrivals(root))
+    arrived = register(root, incoming, data_root, new) if new else read_arrivals(root)
+    dvc_md5 = version_data(root, cfg.update.incoming) if new else None
+    decisions = promotion.read_decisions(root)
+    base = {"time": time.time(), "new": [a["name"] for a in new], "rejected": rejected, "tasks": len(arrived)}
+    if not arrived:
+        return {**base, "status": "waiting", "promoted": False, "reason": f"no task data in {incoming} yet"}
+    if decisions and decisions[-1]["tasks"] == len(arrived):
+        return {**base, "status": "up to date", "promoted": False,
+                "reason": f"no new data since the last update ({len(arrived)} tasks)"}
+    raw = apply_overrides(cfg.to_dict(), ["stream.kind=arrivals", f"stream.length={len(arrived)}"])
+    raw["stream"]["tasks"] = [a["name"] for a in arrived]
+    summary = stream_flow(raw, project=str(root), quiet=True,
+                          tags={"chronomerge.update": "true", "update.new_tasks": ",".join(base["new"]) or "-"})
+    current = promotion.promoted(decisions)
+    ok, reason = promotion.gate(summary["final"], current["metrics"] if current else None,
+                                cfg.update.gate.metrics, cfg.update.gate.tolerance, cfg.update.gate.floor)
+    deployed = summary["deployed"]
+    decision = {**base, "status": "promoted" if ok else "refused", "promoted": ok, "reason": reason,
+                "candidate": deployed, "previous": current["candidate"] if current else None,
+                "metrics": summary["final"], "run_id": summary["run_id"], "incoming_dvc_md5": dvc_md5}
+    if ok:
+        store = CheckpointStore(root / cfg.paths.store)
+        store.set_ref(LATEST, deployed)
+        if cfg.tracking.enabled:
+            decision["model_version"] = register_promotion(
+                cfg.tracking.mlflow_uri, cfg.update.registered_model, cfg.update.alias, deployed,
+                str(store.path(deployed)), summary["run_id"],
+                {"tasks": str(len(arrived)), "gate": reason, **{k: f"{v:.6f}" for k, v in summary["final"].items()}})
+    if cfg.tracking.enabled:
+        tag_run(cfg.tracking.mlflow_uri, summary["run_id"],
+                {"gate.decision": decision["status"], "gate.reason": reason,
+                 "gate.previous": decision["previous"] or "-", "update.incoming.dvc_md5": dvc_md5 or "-"})
+    promotion.record(root, decision)
+    return decision
