@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chronomerge.arrivals import STREAM_KIND
 from chronomerge.data.streams import STREAMS
 from chronomerge.merge import CONTINUAL, RECENCY, TECHNIQUES, resolve_hparams
 from chronomerge.merge import params as P
@@ -54,7 +55,7 @@ class PretrainSection(_Section):
 
 
 class StreamSection(_Section):
-    kind: Literal[STREAMS] = "dataset-incremental"  # type: ignore[valid-type]
+    kind: Literal[(*STREAMS, STREAM_KIND)] = "dataset-incremental"  # type: ignore[valid-type]
     length: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
     multitask: bool = False  # the joint-training baseline: one task of all the stream's data, T × the steps
@@ -62,7 +63,7 @@ class StreamSection(_Section):
 
     @model_validator(mode="after")
     def _arrivals(self):
-        if (self.kind == "arrivals") != bool(self.tasks):
+        if (self.kind == STREAM_KIND) != bool(self.tasks):
             raise ValueError("tasks lists the datasets of kind 'arrivals' (set by `chronomerge update`); "
                              "the other kinds take none")
         if self.tasks and len(self.tasks) != self.length:

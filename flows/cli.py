@@ -7,6 +7,11 @@
     chronomerge report                         plots and the metrics table from the last run's outputs
     chronomerge sweep sweeps/time-pairs.yaml   a grid of streams sharing cached work, compared
     chronomerge prepare | pretrain             the DVC stages before the stream
+    chronomerge update | serve                 one continual update now | on the params schedule (Prefect)
+    chronomerge arrive <dataset>               drop an embedded dataset into update.incoming (new data)
+    chronomerge lineage --at TIME              what the model promoted at TIME is made of (MLflow alone)
+    chronomerge diff <run-a> <run-b>           config, data, metrics and lineage that changed
+    chronomerge export <id | latest> <file>    a plain open_clip checkpoint (.safetensors)
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import argparse
 import inspect
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
@@ -240,22 +247,58 @@ def cmd_update(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import os
+def _prefect_server_for_schedules() -> subprocess.Popen | None:
+    """Scheduled runs need a long-running Prefect server with its scheduler (the temporary server
+    refuses to schedule): start `prefect server start` on loopback under PREFECT_HOME and point
+    PREFECT_API_URL at it. None when PREFECT_API_URL already names a server."""
+    import socket
+    import urllib.request
 
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-ui"], env=env, stdout=log.open("ab"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the Prefect server did not start; see {log}") from None
+            time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = url
+    return server
+
+
+def cmd_serve(args) -> int:
     cfg = _config(args)
-    boot = _boot_prefect_server()
+    server = _prefect_server_for_schedules()
+    from prefect.deployments.runner import EntrypointType
+
     from flows.update import update_flow
 
-    if boot is not None:
-        boot.join()
-        from prefect.server.api.server import SubprocessASGIServer
-
-        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url  # for the runs it starts
     schedule = {"interval": cfg.update.interval} if cfg.update.interval else {"cron": cfg.update.cron}
-    print(f"serving chronomerge-update every {schedule}; new task data goes in {cfg.update.incoming}/", flush=True)
-    update_flow.serve(name="chronomerge-update", parameters={"project": str(Path.cwd()), "params": args.params,
-                                                            "sets": args.set}, **schedule)
+    print(f"serving chronomerge-update ({schedule}) against {os.environ['PREFECT_API_URL']}; "
+          f"new task data goes in {cfg.update.incoming}/", flush=True)
+    try:
+        update_flow.serve(name="chronomerge-update", limit=1, pause_on_shutdown=False,
+                          entrypoint_type=EntrypointType.MODULE_PATH,
+                          parameters={"project": str(Path.cwd()), "params": args.params, "sets": args.set},
+                          **schedule)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
     return 0
 
 

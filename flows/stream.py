@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import flow
 
+from chronomerge.arrivals import STREAM_KIND, arrival_stream
 from chronomerge.config import Config, validate
 from chronomerge.data.streams import build_stream, multitask
 from chronomerge.lineage import experts_in
@@ -120,7 +121,8 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
         return
     yield "base", got[0], got[1]
     theta0 = got[0]["base"]
-    stream = build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed, tuple(cfg.stream.tasks))
+    stream = (arrival_stream(cfg.stream.tasks) if cfg.stream.kind == STREAM_KIND
+              else build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed))
     if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
         stream = [dataclasses.replace(multitask(stream), index=0)]
         c["train"] = {**c["train"], "steps": c["train"]["steps"] * cfg.stream.length}

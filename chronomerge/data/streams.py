@@ -6,8 +6,6 @@
 * `random`: the (dataset, class) pairs of the classification datasets are shuffled by seed and
   dealt into T tasks; each task trains on the images of its classes and is tested on theirs.
   Retrieval datasets are dealt whole into the first tasks' evaluation only.
-* `arrivals`: the datasets named in `tasks`, whole, in that order: the data that arrived for a
-  continual update service (`flows/update.py`), in the order it arrived.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ import numpy as np
 from chronomerge.data import catalog
 from chronomerge.data.generate import Split, load_split
 
-STREAMS = ("dataset-incremental", "random", "arrivals")
+STREAMS = ("dataset-incremental", "random")
 
 
 @dataclass(frozen=True)
@@ -33,16 +31,11 @@ class Task:
     rounds: int = 1
 
 
-def build_stream(kind: str, length: int, seed: int = 0, tasks: tuple[str, ...] = ()) -> list[Task]:
+def build_stream(kind: str, length: int, seed: int = 0) -> list[Task]:
     if kind not in STREAMS:
         raise ValueError(f"stream.kind={kind!r} is not allowed; expected one of {list(STREAMS)}")
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"stream.length={length!r} is not allowed; expected an integer >= 1")
-    if (kind == "arrivals") != bool(tasks) or (tasks and len(tasks) != length):
-        raise ValueError(f"stream.tasks={list(tasks)!r} is not allowed with stream.kind={kind!r}, length={length}: "
-                         "kind 'arrivals' takes the dataset names (as many as length); the other kinds none")
-    if kind == "arrivals":
-        return [Task(t, f"t{t:03d}-{name}", ((name, None),)) for t, name in enumerate(tasks)]
     rng = np.random.default_rng(seed)
     names = [d.name for d in catalog.ADAPTATION]
     if kind == "dataset-incremental":
