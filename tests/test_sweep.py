@@ -1,5 +1,6 @@
 """Sweeps: a grid of stream runs in parallel that never train the same expert twice."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,7 +53,8 @@ def test_sweep_files_and_points_are_validated_before_anything_runs(tmp_path):
 def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     lr = load_config(project / "params.yaml").train.lr
-    summary = sweep_flow(raw, {"name": "lr", "base": {}, "grid": {"train.lr": [lr, 1e30]}}, project=str(project))
+    summary = sweep_flow(raw, {"name": "lr", "base": {"stream": {"length": 1}}, "grid": {"train.lr": [lr, 1e30]}},
+                         project=str(project))
     assert [r["point"] for r in summary["results"]] == [f"train.lr={lr}"]
     (failed,) = summary["failed"]
     assert failed["point"] == "train.lr=1e+30" and "NonFiniteError" in failed["error"]
@@ -63,3 +65,10 @@ def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
                               "tags.`chronomerge.point` = 'train.lr=1e+30'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "NaN or infinite" in runs[0].data.tags["chronomerge.error"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_sweep_file_is_valid(path):
+    sweep = load_sweep(path)
+    runs = points({}, sweep)
+    assert len(runs) == len({name for name, _ in runs}) > 1
