@@ -187,7 +187,7 @@ class CheckpointStore:
                 raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
             t = t.detach().cpu().contiguous()
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise NonFiniteError(f"refusing to store a {kind} checkpoint ({technique or 'no technique'}): "
+                raise NonFiniteError(f"refusing to store the {kind} checkpoint ({technique or 'no technique'}): "
                                      f"tensor {name!r} has NaN or infinite values (training or merging diverged)")
             digest = tensor_digest(t)
             held_by = inherited.get((name, digest))
