@@ -70,19 +70,37 @@ def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict]
     return new, rejected
 
 
-def register(project: Path, incoming: Path, data_root: Path, new: list[dict]) -> list[dict]:
-    """Copy each new dataset under `data_root` and append it to the arrivals record; returns the record.
+def copy_dataset(source: Path, target: Path) -> None:
+    """Copy a dataset folder so that `target` appears whole or not at all (temp folder, rename)."""
+    tmp = Path(target).with_name(f".tmp-{Path(target).name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    tmp.rename(target)
+
+
+def digest_arrived(data_root: Path, names: list[str], digests: dict[str, str]) -> dict[str, str]:
+    """`digests` plus the digest of each arrived dataset under `data_root` it does not name yet."""
+    out = dict(digests)
+    for name in names:
+        if name not in out:
+            folder = Path(data_root) / name
+            if not (folder / "meta.json").exists():
+                raise FileNotFoundError(f"stream.tasks names {name!r}, but {folder} holds no dataset")
+            out[name] = dataset_digest(folder)
+    return out
+
+
+def register(project: Path, incoming: Path, data_root: Path, known: list[dict], new: list[dict]) -> list[dict]:
+    """Copy each new dataset under `data_root` and append it to the arrivals record `known`;
+    returns the record.
 
     Copies land before the record names them: a crash in between leaves a copy that the next scan
     finds identical and registers."""
     for a in new:
         target = Path(data_root) / a["name"]
         if not target.exists():
-            tmp = target.with_name(f".tmp-{a['name']}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(incoming) / a["name"], tmp)
-            tmp.rename(target)
-    record = read_arrivals(project) + new
+            copy_dataset(Path(incoming) / a["name"], target)
+    record = known + new
     path = Path(project) / ARRIVALS
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())

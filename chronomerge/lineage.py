@@ -57,21 +57,21 @@ def lineage_lines(store: CheckpointStore, oid: str) -> list[str]:
     return lines
 
 
-def ancestors(store: CheckpointStore, oid: str) -> set[str]:
-    """Every checkpoint `oid` was made from (transitively), excluding itself."""
-    out: set[str] = set()
-    todo = list(store.meta(oid)["parents"])
+def _closure(store: CheckpointStore, oid: str) -> dict[str, dict | None]:
+    """`oid` and every checkpoint it was made from (transitively) → its metadata (None when missing
+    from the store); each header is read once."""
+    metas: dict[str, dict | None] = {}
+    todo = [oid]
     while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += store.meta(p)["parents"] if p in store else []
-    return out
+        node = todo.pop()
+        if node not in metas:
+            metas[node] = store.meta(node) if node in store else None
+            todo += metas[node]["parents"] if metas[node] else []
+    return metas
 
 
 def experts_in(store: CheckpointStore, oid: str) -> list[str]:
     """The experts whose weights reach `oid` through any chain of parents (merge inputs, inits), in
     task order: what a deployed model is made of."""
-    nodes = ancestors(store, oid) | {oid}
-    experts = [n for n in nodes if n in store and store.meta(n)["kind"] == "expert"]
-    return sorted(experts, key=lambda n: (store.meta(n)["extra"].get("t", 0), n))
+    experts = {n: m for n, m in _closure(store, oid).items() if m and m["kind"] == "expert"}
+    return sorted(experts, key=lambda n: (experts[n]["extra"].get("t", 0), n))

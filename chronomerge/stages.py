@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from chronomerge.arrivals import digest_arrived
 from chronomerge.benchmark import ensure_base, load_model
 from chronomerge.data import catalog, load_split, prepare
-from chronomerge.data.generate import dataset_digest
 from chronomerge.data.streams import Task, task_split
 from chronomerge.evaluate import score, summarize
 from chronomerge.models import create_model, get_tokenizer
@@ -75,14 +75,7 @@ def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool, arrive
     `arrived` names datasets that are not generated but arrived (`chronomerge update` copies them
     under the data root); each must be there, and is digested as it is."""
     names = ADAPTATION + HELD_OUT + ([] if pretrained else [catalog.PRETRAIN.name])
-    digests = prepare(ws.data, data["seed"], names, size_factor=data["size_factor"])
-    for name in arrived:
-        if name not in digests:
-            folder = Path(ws.data) / name
-            if not (folder / "meta.json").exists():
-                raise FileNotFoundError(f"stream.tasks names {name!r}, but {folder} holds no dataset")
-            digests[name] = dataset_digest(folder)
-    return digests
+    return digest_arrived(ws.data, list(arrived), prepare(ws.data, data["seed"], names, size_factor=data["size_factor"]))
 
 
 def run_base(ws: Workspace, model: Mapping[str, Any], pretrain: Mapping[str, Any], data: Mapping[str, Any]) -> dict:

@@ -94,7 +94,7 @@ def peek_stage(stage_task, ws, *args):
 
 
 def cmd_status(args) -> int:
-    from chronomerge.data.generate import dataset_digest
+    from chronomerge.arrivals import digest_arrived
     from flows.stream import STAGES, stream_key, walk, workspace
 
     cfg = _config(args)
@@ -105,8 +105,7 @@ def cmd_status(args) -> int:
     if not manifest.exists():
         print(f"data: not prepared ({manifest} missing); next: prepare")
         return 0
-    digests = json.loads(manifest.read_text())["datasets"]
-    digests |= {n: dataset_digest(Path(ws.data) / n) for n in cfg.stream.tasks if n not in digests}
+    digests = digest_arrived(ws.data, cfg.stream.tasks, json.loads(manifest.read_text())["datasets"])
     done = 0
     walker = walk(cfg, ws, digests, runner=peek_stage)
     base_seen = False
@@ -229,6 +228,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_update(args) -> int:
+    cfg = _config(args)  # a bad params file fails before Prefect starts
     boot = _boot_prefect_server()
     from flows.update import update_flow
 
@@ -242,7 +242,7 @@ def cmd_update(args) -> int:
         m = d["metrics"]
         print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
               f"A_KA {100 * m['A_KA']:.2f}  A_ZS {100 * m['A_ZS']:.2f}  GM {100 * m['GM']:.2f}")
-    store = CheckpointStore(_config(args).paths.store)
+    store = CheckpointStore(cfg.paths.store)
     print(f"deployed (latest): {store.ref('latest') or '-'}")
     return 0
 
@@ -303,8 +303,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_arrive(args) -> int:
-    import shutil
-
+    from chronomerge.arrivals import copy_dataset
     from chronomerge.data import catalog, prepare
 
     cfg = _config(args)
@@ -315,10 +314,7 @@ def cmd_arrive(args) -> int:
     target = Path(cfg.update.incoming) / args.dataset
     if target.exists():
         raise ValueError(f"arrive: {target} exists already")
-    tmp = target.with_name(f".tmp-{args.dataset}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(cfg.data.root) / args.dataset, tmp)
-    tmp.rename(target)
+    copy_dataset(Path(cfg.data.root) / args.dataset, target)
     print(f"arrived: {target}")
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow
 
 from chronomerge import promotion
-from chronomerge.arrivals import read_arrivals
+from chronomerge.arrivals import STREAM_KIND, read_arrivals
 from chronomerge.config import apply_overrides, load_config
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
@@ -50,8 +50,9 @@ def update_flow(project: str = ".", params: str | None = "params.yaml", sets: li
 def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     cfg = load_config(None if params is None else root / params, sets)
     incoming, data_root = root / cfg.update.incoming, root / cfg.data.root
-    new, rejected = receive(incoming, data_root, read_arrivals(root))
-    arrived = register(root, incoming, data_root, new) if new else read_arrivals(root)
+    known = read_arrivals(root)
+    new, rejected = receive(incoming, data_root, known)
+    arrived = register(root, incoming, data_root, known, new) if new else known
     dvc_md5 = version_data(root, cfg.update.incoming) if new else None
     decisions = promotion.read_decisions(root)
     base = {"time": time.time(), "new": [a["name"] for a in new], "rejected": rejected, "tasks": len(arrived)}
@@ -60,7 +61,7 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     if decisions and decisions[-1]["tasks"] == len(arrived):
         return {**base, "status": "up to date", "promoted": False,
                 "reason": f"no new data since the last update ({len(arrived)} tasks)"}
-    raw = apply_overrides(cfg.to_dict(), ["stream.kind=arrivals", f"stream.length={len(arrived)}"])
+    raw = apply_overrides(cfg.to_dict(), [f"stream.kind={STREAM_KIND}", f"stream.length={len(arrived)}"])
     raw["stream"]["tasks"] = [a["name"] for a in arrived]
     summary = stream_flow(raw, project=str(root), quiet=True,
                           tags={"chronomerge.update": "true", "update.new_tasks": ",".join(base["new"]) or "-"})
