@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from chronomerge.data import Split
-from chronomerge.evaluate import normalize
+from chronomerge.models import model_input, preprocess_of
 
 PROJECTION = "visual.proj"
 
@@ -34,8 +34,9 @@ def align_projection(model: torch.nn.Module, reference: torch.nn.Module, split: 
     images = torch.from_numpy(split.images)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     distance = F.l1_loss if loss == "l1" else F.mse_loss
+    pp = preprocess_of(model)
     for i in range(0, len(order), batch_size):
-        x = normalize(images[order[i:i + batch_size]].to(dev))
+        x = model_input(images[order[i:i + batch_size]].to(dev), pp)
         with torch.no_grad():
             target = reference.encode_image(x)
         d = distance(model.encode_image(x), target)

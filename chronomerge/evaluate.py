@@ -15,17 +15,7 @@ import open_clip
 import torch
 
 from chronomerge.data import Split
-
-MEAN, STD = 0.5, 0.25
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N×H×W×3 → normalised float N×3×H×W, on the images' device."""
-    return (images.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
-
-
-def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    return normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+from chronomerge.models import model_input, preprocess_of
 
 
 @torch.no_grad()
@@ -38,8 +28,11 @@ def _encode_batches(encode, items, device, batch_size: int) -> torch.Tensor:
 
 
 def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> torch.Tensor:
-    return _encode_batches(lambda x: model.encode_image(to_tensor(x, device), normalize=True),
-                           images, device, batch_size)
+    """Normalised image features; images (uint8 N×H×W×3, any size) go through the model's preprocessing."""
+    pp = preprocess_of(model)
+    return _encode_batches(
+        lambda x: model.encode_image(model_input(torch.from_numpy(np.ascontiguousarray(x)).to(device), pp),
+                                     normalize=True), images, device, batch_size)
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 1024) -> torch.Tensor:

@@ -138,12 +138,12 @@ class LazyStateDict(Mapping):
 
 
 def shape_of(sd: Mapping, key: str) -> tuple[int, ...]:
-    """Shape of `sd[key]` without reading it when `sd` is lazy."""
-    return sd.shape(key) if isinstance(sd, LazyStateDict) else tuple(sd[key].shape)
+    """Shape of `sd[key]` without reading it when `sd` is lazy (has a `shape(key)` method)."""
+    return tuple(sd.shape(key)) if callable(getattr(sd, "shape", None)) else tuple(sd[key].shape)
 
 
 def dtype_of(sd: Mapping, key: str) -> torch.dtype:
-    return sd.dtype(key) if isinstance(sd, LazyStateDict) else sd[key].dtype
+    return sd.dtype(key) if callable(getattr(sd, "dtype", None)) else sd[key].dtype
 
 
 def check_compatible(base: Mapping, models: list[Mapping], what: str = "model") -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chronomerge.data import Split
-from chronomerge.evaluate import normalize
+from chronomerge.models import model_input, preprocess_of
 
 MODES = ("clip", "vision", "linear")
 TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
@@ -135,6 +135,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
     staged = [(torch.from_numpy(np.ascontiguousarray(src.images)).to(dev),
                tokenizer(list(src.captions)).to(dev) if cfg.mode == "clip" else None,
                torch.from_numpy(np.asarray(src.labels)).to(dev), k) for (src, _), k in zip(sources, counts) if k]
+    pp = preprocess_of(model)
     model.train()
     losses = []
     bar = _progress(cfg)
@@ -147,7 +148,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         picks = [(imgs, toks, labels, _batch_indices(len(imgs), k, gen).to(dev)) for imgs, toks, labels, k in staged]
-        x = normalize(torch.cat([imgs[i] for imgs, _, _, i in picks]))
+        x = model_input(torch.cat([imgs[i] for imgs, _, _, i in picks]), pp)
         with (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and cfg.bf16
               else torch.autocast("cpu", enabled=False)):
             if cfg.mode == "clip":

@@ -8,8 +8,8 @@ import torch
 from chronomerge.align import align_projection
 from chronomerge.data import catalog
 from chronomerge.data.generate import generate
-from chronomerge.evaluate import normalize, zero_shot_accuracy
-from chronomerge.models import create_model, get_tokenizer
+from chronomerge.evaluate import zero_shot_accuracy
+from chronomerge.models import create_model, get_tokenizer, model_input, preprocess_of
 from chronomerge.train import Linearized, TrainConfig, is_text_param, train
 
 
@@ -21,7 +21,7 @@ def task():
 def test_the_linearized_tower_is_the_first_order_expansion_of_the_model(task):
     model = create_model(seed=0).eval()
     lin = Linearized(model)
-    x = normalize(torch.from_numpy(task.images[:8]))
+    x = model_input(torch.from_numpy(task.images[:8]), preprocess_of(model))
     with torch.no_grad():
         assert torch.allclose(lin.encode_image(x), model.encode_image(x), atol=1e-6)  # τ = 0
         g = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def test_alignment_moves_only_the_projection_and_brings_features_closer(task):
     merged = create_model(seed=0).eval()
     with torch.no_grad():
         merged.visual.proj.mul_(1.5).add_(0.05)
-    x = normalize(torch.from_numpy(task.images))
+    x = model_input(torch.from_numpy(task.images), preprocess_of(merged))
     with torch.no_grad():
         before = (merged.encode_image(x) - reference.encode_image(x)).abs().mean()
     other = {k: v.clone() for k, v in merged.state_dict().items() if k != "visual.proj"}
