@@ -20,17 +20,10 @@ from pathlib import Path
 import yaml
 
 from chronomerge.data.generate import dataset_digest, load_split
-from chronomerge.data.streams import Task
 from chronomerge.store import atomic_write_bytes
 
 ARRIVALS = Path(".chronomerge") / "arrivals.json"
 STREAM_KIND = "arrivals"  # stream.kind of an update's stream: stream.tasks, whole, in arrival order
-
-
-def arrival_stream(names: list[str]) -> list[Task]:
-    """The stream of an update: task t trains on the whole t-th arrived dataset."""
-    return [Task(t, f"t{t:03d}-{name}", ((name, None),)) for t, name in enumerate(names)]
-
 
 def read_arrivals(project: Path) -> list[dict]:
     path = Path(project) / ARRIVALS

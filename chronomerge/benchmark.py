@@ -9,27 +9,32 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from chronomerge.data import catalog, load_split
 from chronomerge.data.generate import prepare
-from chronomerge.models import TINY, create_model, get_tokenizer
+from chronomerge.models import TINY, arch_of, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore
 from chronomerge.train import TrainConfig, pretrain
 
 PRETRAIN = TrainConfig(steps=3000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=0.05)
 
 
-def load_model(store: CheckpointStore, oid: str, name: str = TINY) -> torch.nn.Module:
-    model = create_model(name)
+def load_model(store: CheckpointStore, oid: str, arch: str | Mapping[str, Any] = TINY) -> torch.nn.Module:
+    """Checkpoint `oid` in an open_clip model of `arch` (an architecture dict or an open_clip name)."""
+    model = create_model(arch)
     model.load_state_dict(store.load(oid))
     return model.eval()
 
 
-def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0, name: str = TINY,
-                cfg: TrainConfig = PRETRAIN, device: str = "cpu", size_factor: float = 1.0) -> str:
+def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0,
+                arch: str | Mapping[str, Any] = TINY, cfg: TrainConfig = PRETRAIN, device: str = "cpu",
+                size_factor: float = 1.0) -> str:
     """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
+    name = arch_of(arch)["name"]
     digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
     recipe = {"model": name, "seed": seed, "data": digests[catalog.PRETRAIN.name],
               "train": dataclasses.asdict(dataclasses.replace(cfg, progress=False))}
@@ -37,9 +42,9 @@ def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int 
     ref = f"base-{key}"
     if (oid := store.ref(ref)) is not None:
         return oid
-    model = create_model(name, seed=seed)
+    model = create_model(arch, seed=seed)
     result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
-                      dataclasses.replace(cfg, seed=seed), tokenizer=get_tokenizer(name), device=device)
+                      dataclasses.replace(cfg, seed=seed), tokenizer=get_tokenizer(arch), device=device)
     oid = store.put(result.state, kind="base", data_digest=recipe["data"], technique="pretrain",
                     hparams=recipe["train"], extra={"model": name, "seed": seed})
     store.set_ref(ref, oid)

@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chronomerge.arrivals import STREAM_KIND
-from chronomerge.data.streams import STREAMS
+from chronomerge.data.streams import STREAMS, USER_STREAMS
 from chronomerge.merge import CONTINUAL, RECENCY, TECHNIQUES, resolve_hparams
 from chronomerge.merge import params as P
 
@@ -34,8 +33,13 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
+    """`name`: an open_clip architecture, or `auto` (read from the checkpoint in `pretrained`).
+    `pretrained`: an open_clip tag (from the local cache), an open_clip safetensors file or a Hugging
+    Face CLIP folder; None: the embedded base, pretrained on the generated pool. Both are resolved
+    and checked before any work (`chronomerge.models.architecture`)."""
+
     name: str = "chronoclip-tiny"
-    pretrained: str | None = None  # open_clip tag or local file; None: the embedded pretrained base
+    pretrained: str | None = None
 
 
 class DataSection(_Section):
@@ -54,21 +58,58 @@ class PretrainSection(_Section):
     warmup: float = Field(0.05, ge=0, le=1)
 
 
+class ExpertEntry(_Section):
+    """An expert trained elsewhere: open_clip safetensors or a Hugging Face CLIP folder, and the
+    dataset (under data.root) it is evaluated on, if any."""
+
+    path: str
+    dataset: str | None = None
+
+
 class StreamSection(_Section):
-    kind: Literal[(*STREAMS, STREAM_KIND)] = "dataset-incremental"  # type: ignore[valid-type]
-    length: int = Field(20, ge=1)
+    """`kind`: the embedded benchmark's `dataset-incremental` or `random` streams (`length` tasks);
+    `custom`: the user's datasets in `tasks`, one per task; `experts`: the experts in `experts`,
+    imported in order instead of trained; `arrivals`: what `chronomerge update` received (set by it).
+    For custom, experts and arrivals, `length` may be left out: it is the number of tasks."""
+
+    kind: Literal[(*STREAMS, *USER_STREAMS)] = "dataset-incremental"  # type: ignore[valid-type]
+    length: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     multitask: bool = False  # the joint-training baseline: one task of all the stream's data, T × the steps
-    tasks: list[str] = Field(default_factory=list)  # kind arrivals: dataset names under data.root, in order
+    tasks: list[str] = Field(default_factory=list)  # custom, arrivals: dataset names under data.root, in order
+    experts: list[ExpertEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _arrivals(self):
-        if (self.kind == STREAM_KIND) != bool(self.tasks):
-            raise ValueError("tasks lists the datasets of kind 'arrivals' (set by `chronomerge update`); "
-                             "the other kinds take none")
-        if self.tasks and len(self.tasks) != self.length:
-            raise ValueError(f"length={self.length} must equal the number of tasks ({len(self.tasks)})")
+    def _tasks(self):
+        listed = {"custom": self.tasks, "arrivals": self.tasks, "experts": self.experts}.get(self.kind)
+        if listed is None:
+            if self.tasks or self.experts:
+                raise ValueError(f"kind {self.kind!r} builds its own tasks; tasks and experts belong to kinds "
+                                 f"custom, arrivals (tasks) and experts (experts)")
+            if self.length is None:
+                object.__setattr__(self, "length", 20)
+            return self
+        other = self.experts if self.kind != "experts" else self.tasks
+        if not listed or other:
+            need = "experts" if self.kind == "experts" else "tasks"
+            raise ValueError(f"kind {self.kind!r} takes its tasks from {need} (a non-empty list), and only from it")
+        if self.length is None:
+            object.__setattr__(self, "length", len(listed))
+        if self.length != len(listed):
+            raise ValueError(f"length={self.length} must equal the number of tasks ({len(listed)})")
         return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.kind in STREAMS
+
+
+class EvalSection(_Section):
+    """`held_out`: the datasets of zero-shot evaluation (A_ZS) that no task trains on. None: the
+    embedded benchmark's held-out sets for the embedded and arrivals streams, none for custom and
+    experts streams. With no held-out sets A_ZS and GM are absent (null), not zero."""
+
+    held_out: list[str] | None = None
 
 
 class MergeSpec(_Section):
@@ -222,6 +263,7 @@ class Config(_Section):
     data: DataSection = Field(default_factory=DataSection)
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     stream: StreamSection = Field(default_factory=StreamSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)

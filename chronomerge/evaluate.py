@@ -87,11 +87,13 @@ def evaluate(model, tokenizer, splits: Mapping[str, Split], device) -> dict[str,
     return {name: score(model, tokenizer, s, device) for name, s in splits.items()}
 
 
-def summarize(scores: Mapping[str, float], adaptation: Sequence[str], held_out: Sequence[str]) -> dict[str, float]:
-    """A_KA, A_ZS and their geometric mean GM (TIME, Sec. 3)."""
-    a_ka = float(np.mean([scores[n] for n in adaptation])) if adaptation else float("nan")
-    a_zs = float(np.mean([scores[n] for n in held_out])) if held_out else float("nan")
-    return {"A_KA": a_ka, "A_ZS": a_zs, "GM": math.sqrt(max(a_ka, 0) * max(a_zs, 0))}
+def summarize(scores: Mapping[str, float], adaptation: Sequence[str], held_out: Sequence[str]) -> dict[str, float | None]:
+    """A_KA, A_ZS and their geometric mean GM (TIME, Sec. 3). With no adaptation (held-out) sets,
+    A_KA (A_ZS) and GM are absent (None), not zero."""
+    a_ka = float(np.mean([scores[n] for n in adaptation])) if adaptation else None
+    a_zs = float(np.mean([scores[n] for n in held_out])) if held_out else None
+    gm = None if a_ka is None or a_zs is None else math.sqrt(max(a_ka, 0) * max(a_zs, 0))
+    return {"A_KA": a_ka, "A_ZS": a_zs, "GM": gm}
 
 
 def acc_bwt(matrix: Sequence[Sequence[float]]) -> dict[str, float]:

@@ -17,7 +17,12 @@ DECISIONS = Path(".chronomerge") / "promotions.json"
 
 def gate(candidate: Mapping[str, float], promoted: Mapping[str, float] | None, metrics: Sequence[str],
          tolerance: float, floor: Mapping[str, float] | None = None) -> tuple[bool, str]:
-    """(passes, reason) for `candidate` against the promoted model's metrics and the floors."""
+    """(passes, reason) for `candidate` against the promoted model's metrics and the floors.
+    A gated metric that the stream does not measure (A_ZS and GM without held-out sets) refuses."""
+    absent = sorted({m for m in [*metrics, *(floor or {})] if candidate.get(m) is None})
+    if absent:
+        return False, (f"gate refused: {', '.join(absent)} not measured (no evaluation sets of that kind; "
+                       f"set eval.held_out, or gate on other metrics in update.gate.metrics)")
     failed = [f"{m} {100 * candidate[m]:.2f} < floor {100 * v:.2f}" for m, v in (floor or {}).items()
               if candidate[m] < v]
     if promoted is not None:

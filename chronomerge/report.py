@@ -20,12 +20,16 @@ from chronomerge.store import atomic_write_bytes
 CURVES = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
 
 
-def acc_bwt_lower(rows: Sequence[Sequence[float]]) -> dict[str, float]:
-    """ACC and BWT after step t from rows 1..t of a lower-triangular accuracy matrix (row i has i entries)."""
+def acc_bwt_lower(rows: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
+    """ACC and BWT after step t from rows 1..t of a lower-triangular accuracy matrix (row i has i
+    entries). A task without a test set (an imported expert with no dataset) has None entries and
+    is left out of both; with no task scored they are None."""
     last = rows[-1]
     t = len(rows)
-    bwt = float(np.mean([last[i] - rows[i][i] for i in range(t - 1)])) if t > 1 else 0.0
-    return {"ACC": float(np.mean(last)), "BWT": bwt}
+    scored = [x for x in last if x is not None]
+    drops = [last[i] - rows[i][i] for i in range(t - 1) if last[i] is not None and rows[i][i] is not None]
+    return {"ACC": float(np.mean(scored)) if scored else None,
+            "BWT": float(np.mean(drops)) if drops else (0.0 if scored else None)}
 
 
 def matrix(history: Mapping[str, Any]) -> np.ndarray:
@@ -33,14 +37,14 @@ def matrix(history: Mapping[str, Any]) -> np.ndarray:
     rows = [s["row"] for s in history["steps"]]
     r = np.full((len(rows), len(rows)), np.nan)
     for t, row in enumerate(rows):
-        r[t, :len(row)] = row
+        r[t, :len(row)] = [np.nan if x is None else x for x in row]
     return r
 
 
 def final_metrics(history: Mapping[str, Any]) -> dict[str, Any]:
     last = history["steps"][-1]
     return {"deployed": last["checkpoints"]["deployed"], "tasks": len(history["steps"]),
-            **{k: round(last[k], 6) for k in CURVES}}
+            **{k: None if last[k] is None else round(last[k], 6) for k in CURVES}}
 
 
 def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
@@ -55,7 +59,7 @@ def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path:
     w = csv.writer(buf)
     w.writerow(["t", "task", *CURVES])
     for s in history["steps"]:
-        w.writerow([s["t"], s["task"], *(f"{s[k]:.6f}" for k in CURVES)])
+        w.writerow([s["t"], s["task"], *("" if s[k] is None else f"{s[k]:.6f}" for k in CURVES)])
     atomic_write_bytes(out / "curves.csv", buf.getvalue().encode())
     return [metrics_path, out / "history.json", out / "curves.csv"]
 
@@ -100,7 +104,8 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     ts = [s["t"] for s in steps]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in ("A_KA", "A_ZS", "GM"):
-        ax.plot(ts, [100 * s[k] for s in steps], marker="o", ms=3, label=k)
+        if any(s[k] is not None for s in steps):  # absent (no held-out sets): no line, not zeros
+            ax.plot(ts, [np.nan if s[k] is None else 100 * s[k] for s in steps], marker="o", ms=3, label=k)
     ax.set_xlabel("task t")
     ax.set_ylabel("score (%)")
     ax.set_title(history.get("title", "stream"))
@@ -165,9 +170,15 @@ def markdown(history: Mapping[str, Any]) -> str:
         lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(_pct(s[k]) for k in CURVES)
                      + f" | {sec.get('train', 0):.1f} | {sec.get('eval', 0):.1f} |")
     lines += ["", "Scores in %. A_KA: mean over adaptation datasets; A_ZS: over held-out datasets; "
-              "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t).", ""]
+              "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t); – : absent "
+              "(no datasets of that kind).", ""]
     return "\n".join(lines)
 
 
-def _pct(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{100 * x:.1f}"
+def scores_line(d: Mapping[str, Any], keys: Sequence[str] = CURVES, digits: int = 1) -> str:
+    """`A_KA 25.7  A_ZS –  …`: scores in %, '–' where absent."""
+    return "  ".join(f"{k} {'–' if d.get(k) is None else f'{100 * d[k]:.{digits}f}'}" for k in keys)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else "nan" if math.isnan(x) else f"{100 * x:.1f}"

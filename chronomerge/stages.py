@@ -18,10 +18,11 @@ import torch
 
 from chronomerge.arrivals import digest_arrived
 from chronomerge.benchmark import ensure_base, load_model
+from chronomerge.checkpoints import as_expert, read_checkpoint
 from chronomerge.data import catalog, load_split, prepare
-from chronomerge.data.streams import Task, task_split
+from chronomerge.data.streams import STREAMS, Task, dataset_stream, expert_stream, build_stream, task_split
 from chronomerge.evaluate import score, summarize
-from chronomerge.models import create_model, get_tokenizer
+from chronomerge.models import base_weights, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from chronomerge.align import PROJECTION, align_projection
 from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
@@ -54,41 +55,81 @@ def resolve_device(name: str) -> str:
 
 def task_to_dict(task: Task) -> dict[str, Any]:
     return {"index": task.index, "name": task.name, "round": task.round, "rounds": task.rounds,
-            "parts": [[name, None if ids is None else list(ids)] for name, ids in task.parts]}
+            "parts": [[name, None if ids is None else list(ids)] for name, ids in task.parts], "expert": task.expert}
 
 
 def task_from_dict(d: Mapping[str, Any]) -> Task:
     return Task(d["index"], d["name"], tuple((n, None if c is None else tuple(c)) for n, c in d["parts"]),
-                d["round"], d["rounds"])
+                d["round"], d["rounds"], d.get("expert"))
+
+
+def build_tasks(stream: Mapping[str, Any]) -> list[Task]:
+    """The tasks of a stream section (`chronomerge.config.StreamSection`)."""
+    if stream["kind"] == "experts":
+        return expert_stream(stream["experts"])
+    if stream["kind"] in STREAMS:
+        return build_stream(stream["kind"], stream["length"], stream["seed"])
+    return dataset_stream(stream["tasks"])
+
+
+def evaluation_sets(stream: Mapping[str, Any], held_out: Sequence[str] | None) -> dict[str, list[str]]:
+    """The datasets of A_KA (`adaptation`) and of A_ZS (`held_out`) for a stream.
+
+    Embedded streams: the benchmark's 23 adaptation sets; users' streams: the datasets their tasks
+    name, in order. Held-out: `eval.held_out`, or by default the benchmark's held-out sets for the
+    embedded and arrivals streams and none for custom and experts streams. A held-out set that a
+    task trains on is an error."""
+    if stream["kind"] in STREAMS:
+        adaptation = list(ADAPTATION)
+    else:
+        adaptation = list(dict.fromkeys(d for t in build_tasks(stream) for d in t.datasets))
+    if held_out is None:
+        held_out = HELD_OUT if stream["kind"] in (*STREAMS, "arrivals") else []
+    both = sorted(set(adaptation) & set(held_out))
+    if both:
+        raise ValueError(f"eval.held_out: {both} are trained on by the stream; held-out sets must be unseen")
+    return {"adaptation": adaptation, "held_out": list(held_out)}
 
 
 def task_digest(task: Task, digests: Mapping[str, str]) -> str:
-    """SHA-256 naming exactly the data a task trains on: its datasets' digests, classes and slice."""
+    """SHA-256 naming exactly the data a task trains on: its datasets' digests, classes and slice
+    (and, for an imported expert, its source's digest, `digests["expert:<path>"]`)."""
+    data = {n: digests[n] for n, _ in task.parts}
+    if task.expert:
+        data["expert"] = digests[f"expert:{task.expert}"]
     return hashlib.sha256(json.dumps({"task": task_to_dict(task) | {"index": None, "name": None},
-                                      "data": {n: digests[n] for n, _ in task.parts}}, sort_keys=True).encode()).hexdigest()
+                                      "data": data}, sort_keys=True).encode()).hexdigest()
 
 
 # -- before the stream -------------------------------------------------------------------------
-def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool, arrived: Sequence[str] = ()) -> dict[str, str]:
-    """Generate (or check) every dataset the stream and its evaluation read; `{name: digest}`.
+def run_prepare(ws: Workspace, data: Mapping[str, Any], pretrained: bool, names: Sequence[str],
+                experts: Sequence[str] = ()) -> dict[str, str]:
+    """Make (or check) every dataset the stream and its evaluation read; `{name: digest}`.
 
-    `arrived` names datasets that are not generated but arrived (`chronomerge update` copies them
-    under the data root); each must be there, and is digested as it is."""
-    names = ADAPTATION + HELD_OUT + ([] if pretrained else [catalog.PRETRAIN.name])
-    return digest_arrived(ws.data, list(arrived), prepare(ws.data, data["seed"], names, size_factor=data["size_factor"]))
+    Datasets of the embedded benchmark are generated (the pretraining pool too unless the base is
+    `pretrained`); any other name must be a dataset under the data root (`chronomerge data add`,
+    or copied there by `chronomerge update`) and is digested as it is. Each expert path gets a
+    digest of its files under `expert:<path>`."""
+    embedded = [n for n in names if n in catalog.ALL] + ([] if pretrained else [catalog.PRETRAIN.name])
+    own = [n for n in names if n not in catalog.ALL]
+    digests = digest_arrived(ws.data, own, prepare(ws.data, data["seed"], embedded, size_factor=data["size_factor"]))
+    for path in experts:
+        digests[f"expert:{path}"] = read_checkpoint(path).digest()
+    return digests
 
 
-def run_base(ws: Workspace, model: Mapping[str, Any], pretrain: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
-    """θ0: open_clip weights from a tag or file, or the embedded base pretrained on the pool."""
+def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], pretrain: Mapping[str, Any],
+             data: Mapping[str, Any]) -> dict:
+    """θ0 of architecture `arch`: weights from `model.pretrained` (an open_clip tag from the local
+    cache, an open_clip safetensors file, an HF CLIP folder), or the embedded base pretrained on the pool."""
     store = ws.open_store()
     t0 = time.perf_counter()
     if model["pretrained"]:
-        m = create_model(model["name"], pretrained=model["pretrained"])
-        oid = store.put(m.state_dict(), kind="base", technique="open_clip",
-                        extra={"model": model["name"], "pretrained": model["pretrained"]})
+        oid = store.put(base_weights(arch, model["pretrained"]), kind="base", technique="import",
+                        extra={"model": arch["name"], "pretrained": model["pretrained"]})
     else:
         cfg = TrainConfig(**pretrain, progress=ws.progress)
-        oid = ensure_base(store, ws.data, data["seed"], model["name"], cfg, ws.device, data["size_factor"])
+        oid = ensure_base(store, ws.data, data["seed"], arch, cfg, ws.device, data["size_factor"])
     return {"base": oid, "seconds": time.perf_counter() - t0}
 
 
@@ -101,15 +142,19 @@ def run_init(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequenc
     return {"init": oid, "seconds": time.perf_counter() - t0}
 
 
-def run_train(ws: Workspace, cfg: Mapping[str, Any], model_name: str, task: Mapping[str, Any], init: str,
-              data_digest: str, previous_tasks: Sequence[Mapping[str, Any]]) -> dict:
-    """Stage 2, train θ^S_t from θ^I_t on task t; writes the expert and its AdamW second moments."""
+def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], task: Mapping[str, Any], init: str,
+              data_digest: str, previous_tasks: Sequence[Mapping[str, Any]], base: str) -> dict:
+    """Stage 2, train θ^S_t from θ^I_t on task t; writes the expert and its AdamW second moments.
+
+    A task whose expert was trained elsewhere imports it instead (`run_import`)."""
     t0 = time.perf_counter()
     store = ws.open_store()
     t = task_from_dict(task)
+    if t.expert:
+        return run_import(ws, t, base, data_digest) | {"seconds": time.perf_counter() - t0}
     tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
-    model = load_model(store, init, model_name)
-    tok = get_tokenizer(model_name)
+    model = load_model(store, init, arch)
+    tok = get_tokenizer(arch)
     pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
     prev = [task_split(ws.data, task_from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
     result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
@@ -124,12 +169,28 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], model_name: str, task: Mapp
             "images_per_second": result.images_per_second}
 
 
+def run_import(ws: Workspace, task: Task, base: str, source_digest: str) -> dict:
+    """θ^S_t is an expert trained elsewhere: read it (any format `chronomerge.checkpoints` reads),
+    check it against θ0's architecture, fill a vision-only expert's text tower from θ0, and store
+    it with its source (path, digest, format) in its lineage. It has no AdamW moments (no Fisher:
+    CMM's Fisher merge then uses F = 1)."""
+    store = ws.open_store()
+    ck = read_checkpoint(task.expert)
+    state = as_expert(ck, store.get(base))
+    expert = store.put({k: state[k] for k in state}, kind="expert", parents=[base], technique="import",
+                       data_digest=source_digest, extra={"task": task.name, "t": task.index + 1, "format": ck.format,
+                                                         "source": str(Path(task.expert).resolve()),
+                                                         "source_digest": source_digest})
+    return {"expert": expert, "fisher": None, "loop_seconds": 0.0, "loss": None, "images_per_second": None}
+
+
 def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str) -> dict:
     """Stage 3, store: verify θ^S_t bit for bit and add it to S; the new S is written as a manifest."""
     store = ws.open_store()
     t0 = time.perf_counter()
     for oid in (expert, fisher):
-        store.verify(oid)
+        if oid is not None:  # an imported expert has no Fisher
+            store.verify(oid)
     new = {"experts": [*storage["experts"], expert], "fishers": [*storage["fishers"], fisher]}
     body = json.dumps(new, sort_keys=True).encode()
     manifest = hashlib.sha256(body).hexdigest()
@@ -140,7 +201,7 @@ def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, 
     return {**new, "manifest": manifest, "seconds": time.perf_counter() - t0}
 
 
-def run_deploy(ws: Workspace, spec: Mapping[str, Any], model_name: str, base: str, experts: Sequence[str],
+def run_deploy(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], base: str, experts: Sequence[str],
                fishers: Sequence[str], previous: str | None, previous_state: str | None,
                task: Mapping[str, Any]) -> dict:
     """Stage 4, deploy θ^O_t from the store: a TIME deploy axis (`strategies.compose`) or a continual
@@ -155,7 +216,7 @@ def run_deploy(ws: Workspace, spec: Mapping[str, Any], model_name: str, base: st
         merger, merged = continual_step(store, spec, base=base, expert=experts[-1], fisher=fishers[-1],
                                         previous_state=previous_state, device=ws.device)
         if spec["align"] != "none":
-            aligned = _align(ws, spec, model_name, merged, previous or base, task)
+            aligned = _align(ws, spec, arch, merged, previous or base, task)
             merged[PROJECTION] = aligned
             set_merged_tensor(merger, store.get(base), PROJECTION, aligned)
         out["deployed"], out["state"] = store_continual(store, merger, merged, base=base, expert=experts[-1],
@@ -167,38 +228,41 @@ def run_deploy(ws: Workspace, spec: Mapping[str, Any], model_name: str, base: st
                       kind="deployed", device=ws.device, extra=extra)
         if spec["align"] != "none":
             merged = store.load(oid)
-            merged[PROJECTION] = _align(ws, spec, model_name, merged, previous or base, task)
+            merged[PROJECTION] = _align(ws, spec, arch, merged, previous or base, task)
             oid = store.put(merged, kind="deployed", parents=[oid, previous or base], technique="align",
                             hparams={"loss": spec["align"], "lr": spec["align_lr"]}, extra=extra)
         out["deployed"] = oid
     return {**out, "seconds": time.perf_counter() - t0}
 
 
-def _align(ws: Workspace, spec: Mapping[str, Any], model_name: str, merged: Mapping[str, torch.Tensor],
+def _align(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], merged: Mapping[str, torch.Tensor],
            reference: str, task: Mapping[str, Any]) -> torch.Tensor:
     store = ws.open_store()
-    model = create_model(model_name)
+    model = create_model(arch)
     model.load_state_dict(dict(merged))
     t = task_from_dict(task)
-    return align_projection(model, load_model(store, reference, model_name), task_split(ws.data, t, "train"),
+    return align_projection(model, load_model(store, reference, arch), task_split(ws.data, t, "train"),
                             loss=spec["align"], lr=spec["align_lr"], batch_size=spec["align_batch_size"],
                             device=ws.device, seed=t.index)
 
 
-def run_eval(ws: Workspace, model_name: str, deployed: str, tasks: Sequence[Mapping[str, Any]],
-             digests: Mapping[str, str]) -> dict:
-    """Stage 5, eval θ^O_t: every adaptation and held-out dataset (A_KA, A_ZS, GM) and the test
-    split of each task seen so far (row t of the accuracy matrix). `digests` names the data
-    scored, so regenerated test sets are scored again (it is part of the cache key)."""
+def run_eval(ws: Workspace, arch: Mapping[str, Any], deployed: str, tasks: Sequence[Mapping[str, Any]],
+             sets: Mapping[str, Sequence[str]], digests: Mapping[str, str]) -> dict:
+    """Stage 5, eval θ^O_t: every adaptation and held-out dataset of `sets` (A_KA, A_ZS, GM) and
+    the test split of each task seen so far (row t of the accuracy matrix; None for a task without
+    a dataset). `digests` names the data scored, so regenerated test sets are scored again (it is
+    part of the cache key)."""
     t0 = time.perf_counter()
-    model = load_model(ws.open_store(), deployed, model_name).to(ws.device)
-    tok = get_tokenizer(model_name)
-    scores = {name: score(model, tok, load_split(ws.data, name, "test"), ws.device) for name in ADAPTATION + HELD_OUT}
-    row = []
+    model = load_model(ws.open_store(), deployed, arch).to(ws.device)
+    tok = get_tokenizer(arch)
+    names = [*sets["adaptation"], *sets["held_out"]]
+    scores = {name: score(model, tok, load_split(ws.data, name, "test"), ws.device) for name in names}
+    row: list[float | None] = []
     for d in tasks:
         t = task_from_dict(d)
         whole = len(t.parts) == 1 and t.parts[0][1] is None and t.parts[0][0] in scores
-        row.append(scores[t.parts[0][0]] if whole else score(model, tok, task_split(ws.data, t, "test"), ws.device))
-    return {"scores": scores, "row": row, **summarize(scores, ADAPTATION, HELD_OUT),
+        row.append(None if not t.parts else scores[t.parts[0][0]] if whole
+                   else score(model, tok, task_split(ws.data, t, "test"), ws.device))
+    return {"scores": scores, "row": row, **summarize(scores, sets["adaptation"], sets["held_out"]),
             "seconds": time.perf_counter() - t0}
 

@@ -66,18 +66,18 @@ def compose(store: CheckpointStore, spec: Mapping[str, Any], mode: str, *, base:
                      hparams={**hp, "mode": mode, "weights": weights}, extra=extra)
 
 
-def continual_step(store: CheckpointStore, spec: Mapping[str, Any], *, base: str, expert: str, fisher: str,
+def continual_step(store: CheckpointStore, spec: Mapping[str, Any], *, base: str, expert: str, fisher: str | None,
                    previous_state: str | None, device: str | torch.device | None = None,
                    ) -> tuple[ContinualMerger, dict[str, torch.Tensor]]:
     """Fold θ^S_t into the merger stored as `previous_state` (a new one at t = 1); returns the
     merger, now at step t, and the merged θ^(t). The Fisher merge reads the expert's AdamW
-    second moments (`fisher`)."""
+    second moments (`fisher`; None for an imported expert: F = 1)."""
     base_sd = store.get(base)
     if previous_state is None:
         merger = CONTINUAL[spec["merger"]](base_sd, device=device, **spec.get("hparams", {}))
     else:
         merger = load_merger(store, previous_state, base_sd, device=device)
-    extras = {"fisher": store.get(fisher)} if merger.name == "fisher_merge" else {}
+    extras = {"fisher": store.get(fisher) if fisher else None} if merger.name == "fisher_merge" else {}
     return merger, merger.update(store.get(expert), **extras)
 
 

@@ -29,11 +29,18 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress li
 from chronomerge import cli as core_cli  # noqa: E402
 from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
+from chronomerge.report import scores_line  # noqa: E402
 from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
 
 
 def _config(args):
-    return load_config(args.params, args.set)
+    """The validated config, with everything beyond the schema checked too (architecture, evaluation
+    sets, experts' files): a bad field fails here, before Prefect, MLflow or any stage starts."""
+    from flows.stream import check
+
+    cfg = load_config(args.params, args.set)
+    check(cfg)
+    return cfg
 
 
 def _boot_prefect_server():
@@ -61,8 +68,7 @@ def cmd_run(args, cfg=None) -> int:
         boot.join()
     summary = stream_flow(cfg.to_dict(), project=".", quiet=args.quiet)
     f = summary["final"]
-    print(f"final: A_KA {100 * f['A_KA']:.2f}  A_ZS {100 * f['A_ZS']:.2f}  GM {100 * f['GM']:.2f}  "
-          f"ACC {100 * f['ACC']:.2f}  BWT {100 * f['BWT']:.2f}")
+    print(f"final: {scores_line(f, digits=2)}")
     print(f"time: {summary['wall_seconds']:.1f} s in the flow, {summary['compute_seconds']:.1f} s computing stages, "
           f"{sum(s['status'] == 'cached' for s in summary['stages'])}/{len(summary['stages'])} stages cached")
     print(f"metrics: {cfg.paths.metrics}   report: {Path(cfg.paths.outputs) / 'report.md'}   "
@@ -95,9 +101,13 @@ def peek_stage(stage_task, ws, *args):
 
 def cmd_status(args) -> int:
     from chronomerge.arrivals import digest_arrived
+    from chronomerge.checkpoints import read_checkpoint
     from flows.stream import STAGES, stream_key, walk, workspace
 
-    cfg = _config(args)
+    from flows.stream import check
+
+    cfg = load_config(args.params, args.set)
+    arch, sets = check(cfg)
     ws = workspace(cfg, Path("."))
     manifest = Path(ws.data) / "manifest.json"
     print(f"stream {stream_key(cfg)[:16]}: {cfg.stream.kind} × {cfg.stream.length}, "
@@ -105,9 +115,15 @@ def cmd_status(args) -> int:
     if not manifest.exists():
         print(f"data: not prepared ({manifest} missing); next: prepare")
         return 0
-    digests = digest_arrived(ws.data, cfg.stream.tasks, json.loads(manifest.read_text())["datasets"])
+    known = json.loads(manifest.read_text())["datasets"]
+    try:  # digests as recorded (embedded) or as the folders are (the user's); nothing is generated
+        digests = digest_arrived(ws.data, [n for n in [*sets["adaptation"], *sets["held_out"]] if n not in known], known)
+        digests |= {f"expert:{e.path}": read_checkpoint(e.path).digest() for e in cfg.stream.experts}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"data: not ready ({e}); next: prepare")
+        return 0
     done = 0
-    walker = walk(cfg, ws, digests, runner=peek_stage)
+    walker = walk(cfg, ws, digests, arch, sets, runner=peek_stage)
     base_seen = False
     for item in walker:
         if item[0] == "base":
@@ -241,7 +257,7 @@ def cmd_update(args) -> int:
     if "candidate" in d:
         m = d["metrics"]
         print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
-              f"A_KA {100 * m['A_KA']:.2f}  A_ZS {100 * m['A_ZS']:.2f}  GM {100 * m['GM']:.2f}")
+              + scores_line(m, ("A_KA", "A_ZS", "GM"), digits=2))
     store = CheckpointStore(cfg.paths.store)
     print(f"deployed (latest): {store.ref('latest') or '-'}")
     return 0
@@ -387,22 +403,25 @@ def _reproduce(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from chronomerge.stages import Workspace, run_prepare
+    from chronomerge.stages import Workspace
+    from flows.stream import check, prepare_inputs
 
-    cfg = _config(args)
-    c = cfg.to_dict()
-    digests = run_prepare(Workspace(cfg.paths.store, cfg.data.root), c["data"], bool(cfg.model.pretrained))
-    print(f"{len(digests)} datasets ready under {cfg.data.root}")
+    cfg = load_config(args.params, args.set)
+    _, sets = check(cfg)
+    digests = prepare_inputs(cfg, Workspace(cfg.paths.store, cfg.data.root), sets)
+    print(f"{sum(not n.startswith('expert:') for n in digests)} datasets ready under {cfg.data.root}")
     return 0
 
 
 def cmd_pretrain(args) -> int:
     from chronomerge.stages import Workspace, resolve_device, run_base
+    from flows.stream import check
 
-    cfg = _config(args)
+    cfg = load_config(args.params, args.set)
+    arch, _ = check(cfg)
     c = cfg.to_dict()
     out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), sys.stderr.isatty()),
-                   c["model"], c["pretrain"], c["data"])
+                   arch, c["model"], c["pretrain"], c["data"])
     path = Path(cfg.paths.outputs) / "base.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps({"base": out["base"], "model": c["model"]}, indent=1).encode())

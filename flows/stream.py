@@ -21,12 +21,13 @@ from typing import Any
 
 from prefect import flow
 
-from chronomerge.arrivals import STREAM_KIND, arrival_stream
-from chronomerge.config import Config, validate
-from chronomerge.data.streams import build_stream, multitask
+from chronomerge.config import Config, ConfigError, validate
+from chronomerge.data.streams import multitask
 from chronomerge.lineage import experts_in
-from chronomerge.report import acc_bwt_lower, task_vector_cosines, write_report, write_results
-from chronomerge.stages import ADAPTATION, HELD_OUT, Workspace, resolve_device, task_digest, task_to_dict
+from chronomerge.models import architecture
+from chronomerge.report import acc_bwt_lower, scores_line, task_vector_cosines, write_report, write_results
+from chronomerge.stages import (Workspace, build_tasks, evaluation_sets, resolve_device, task_digest,
+                                task_to_dict)
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
@@ -38,7 +39,7 @@ from tasks.train import train
 
 STAGES = ("init", "train", "store", "deploy", "eval")
 ID_FIELDS = ("base", "init", "expert", "fisher", "deployed", "state")
-STREAM_SECTIONS = ("model", "data", "pretrain", "stream", "strategy", "train")
+STREAM_SECTIONS = ("model", "data", "pretrain", "stream", "eval", "strategy", "train")
 LAST_RUN = Path(".chronomerge") / "last-run.json"
 
 
@@ -50,6 +51,31 @@ def stream_key(cfg: Config) -> str:
 def workspace(cfg: Config, project: Path) -> Workspace:
     return Workspace(store=str(project / cfg.paths.store), data=str(project / cfg.data.root),
                      device=resolve_device(cfg.device), progress=sys.stderr.isatty())
+
+
+def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
+    """Everything about a config that needs more than its schema, checked before any work: the
+    architecture (`model.name`, `model.pretrained`), the evaluation sets (`eval.held_out`) and the
+    experts' files. Returns (architecture, evaluation sets); raises `ConfigError` naming the field."""
+    from chronomerge.checkpoints import CheckpointError, read_checkpoint
+
+    arch = architecture(cfg.model.name, cfg.model.pretrained)
+    try:
+        sets = evaluation_sets(cfg.to_dict()["stream"], cfg.eval.held_out)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for i, e in enumerate(cfg.stream.experts):
+        try:
+            read_checkpoint(e.path)
+        except CheckpointError as err:
+            raise ConfigError(f"stream.experts.{i}.path: {err}") from None
+    return arch, sets
+
+
+def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) -> dict[str, str]:
+    """Every dataset (and expert file) the stream reads, made or checked, with its digest."""
+    return prepare(ws, cfg.to_dict()["data"], bool(cfg.model.pretrained), [*sets["adaptation"], *sets["held_out"]],
+                   [e.path for e in cfg.stream.experts])
 
 
 def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
@@ -90,10 +116,12 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     if stale:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
-    digests = prepare(ws, c["data"], bool(cfg.model.pretrained), cfg.stream.tasks)
-    tracker.start(key, c, cfg.digest(), commit, digests, ws.data, stale, tags or {})
+    arch, sets = check(cfg)
+    digests = prepare_inputs(cfg, ws, sets)
+    tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
+                  ws.data, stale, tags or {})
     try:
-        summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo)
+        summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo, arch, sets)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
                        tags={"chronomerge.error": f"{type(e).__name__}: {e}"[:4000]})
@@ -109,37 +137,37 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     return summary
 
 
-def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
+def walk(cfg: Config, ws: Workspace, digests: dict, arch: dict, sets: dict, runner=run_stage):
     """The stream's stages in order, each through `runner(task, ws, *args) -> (output, status)`.
 
     Yields ("base", output, status) once, then one (task, outputs, statuses) per step t. Stops
     early when `runner` returns None (`status` uses this to walk the cache without computing).
+    `arch` and `sets` are what `check(cfg)` returns.
     """
     c = cfg.to_dict()
-    got = runner(base, ws, c["model"], c["pretrain"], c["data"])
+    got = runner(base, ws, arch, c["model"], c["pretrain"], c["data"])
     if got is None:
         return
     yield "base", got[0], got[1]
     theta0 = got[0]["base"]
-    stream = (arrival_stream(cfg.stream.tasks) if cfg.stream.kind == STREAM_KIND
-              else build_stream(cfg.stream.kind, cfg.stream.length, cfg.stream.seed))
+    stream = build_tasks(c["stream"])
     if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
         stream = [dataclasses.replace(multitask(stream), index=0)]
         c["train"] = {**c["train"], "steps": c["train"]["steps"] * cfg.stream.length}
-    eval_digests = {n: digests[n] for n in ADAPTATION + HELD_OUT}
+    eval_digests = {n: digests[n] for n in [*sets["adaptation"], *sets["held_out"]]}
     storage: dict[str, list[str]] = {"experts": [], "fishers": []}
     prev_init = prev_deploy = prev_state = None
     for t, task in enumerate(stream, 1):
         replay = [task_to_dict(x) for x in stream[:t - 1]] if cfg.train.replay_previous else []
         calls = {
             "init": lambda o: (init, c["strategy"]["init"], theta0, storage["experts"], prev_init),
-            "train": lambda o: (train, c["train"], cfg.model.name, task_to_dict(task), o["init"]["init"],
-                                task_digest(task, digests), replay),
+            "train": lambda o: (train, c["train"], arch, task_to_dict(task), o["init"]["init"],
+                                task_digest(task, digests), replay, theta0),
             "store": lambda o: (store, storage, o["train"]["expert"], o["train"]["fisher"]),
-            "deploy": lambda o: (deploy, c["strategy"]["deploy"], cfg.model.name, theta0, o["store"]["experts"],
+            "deploy": lambda o: (deploy, c["strategy"]["deploy"], arch, theta0, o["store"]["experts"],
                                  o["store"]["fishers"], prev_deploy, prev_state, task_to_dict(task)),
-            "eval": lambda o: (evaluate, cfg.model.name, o["deploy"]["deployed"],
-                               [task_to_dict(x) for x in stream[:t]], eval_digests),
+            "eval": lambda o: (evaluate, arch, o["deploy"]["deployed"],
+                               [task_to_dict(x) for x in stream[:t]], sets, eval_digests),
         }
         outs, status = {}, {}
         for name in STAGES:
@@ -156,11 +184,11 @@ def walk(cfg: Config, ws: Workspace, digests: dict, runner=run_stage):
 
 
 def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
-               commit: str, echo: Callable[[str], None]) -> dict:
+               commit: str, echo: Callable[[str], None], arch: dict, sets: dict) -> dict:
     steps, stages, rows = [], [], []
     compute = 0.0
     length = 1 if cfg.stream.multitask else cfg.stream.length
-    walker = walk(cfg, ws, digests)
+    walker = walk(cfg, ws, digests, arch, sets)
     _, base_out, base_status = next(walker)
     theta0 = base_out["base"]
     if base_status == "computed":
@@ -178,10 +206,10 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
                 "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda")}
         steps.append(step)
-        _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n, _ in task.parts})
+        _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n in task.datasets})
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
-            + f"  A_KA {100 * step['A_KA']:.1f}  A_ZS {100 * step['A_ZS']:.1f}  GM {100 * step['GM']:.1f}")
+            + "  " + scores_line(step, ("A_KA", "A_ZS", "GM")))
     title = (f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
              f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}")
     experts = [s["checkpoints"]["expert"] for s in steps]
@@ -203,12 +231,12 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
     tags["lineage.made_of"] = ",".join(e[:16] for e in experts_in(store_, ids["deployed"]))
     tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
                  **{f"stage.{s}": v for s, v in step["status"].items()}})
-    metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss")}
+    metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss") if step[k] is not None}
     metrics.update({f"acc/{n}": v for n, v in step["scores"].items()})
     metrics.update({f"time/{s}": v for s, v in step["seconds"].items()})
     if step["lambda"] is not None:
         metrics.update({"opcm/lambda": step["lambda"], "opcm/sqrt_t": math.sqrt(step["t"])})
-    parent = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}
+    parent = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT") if step[k] is not None}
     parent.update({k: v for k, v in metrics.items() if k.startswith("opcm/")})
     parent.update({f"time/{s}": v for s, v in step["seconds"].items()})
     tracker.log_task(step["t"], step["task"], metrics, parent, tags, datasets, ws.data)

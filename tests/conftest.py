@@ -44,13 +44,16 @@ def prefect_api():
 def seeded_project(tmp_path_factory):
     """Tiny datasets and a pretrained tiny base, made once; projects copy them."""
     from chronomerge.config import validate
-    from chronomerge.stages import Workspace, run_base, run_prepare
+    from chronomerge.stages import Workspace, run_base
+    from flows.stream import check, prepare_inputs
 
     root = tmp_path_factory.mktemp("seed")
-    c = validate(TINY_PARAMS).to_dict()
+    cfg = validate(TINY_PARAMS)
+    c = cfg.to_dict()
     ws = Workspace(str(root / "store"), str(root / "data"))
-    run_prepare(ws, c["data"], False)
-    run_base(ws, c["model"], c["pretrain"], c["data"])
+    arch, sets = check(cfg)
+    prepare_inputs(cfg, ws, sets)
+    run_base(ws, arch, c["model"], c["pretrain"], c["data"])
     return root
 
 

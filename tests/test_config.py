@@ -23,10 +23,10 @@ def test_the_repository_params_file_states_exactly_the_defaults():
     ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0 (got 0)"),
     ({"train": {"steps": 2.5}}, "train.steps"),
     ({"train": {"replay_pretrain": 0.6, "replay_previous": 0.5}}, "replay_pretrain + replay_previous must be < 1"),
-    ({"stream": {"kind": "class-incremental"}}, "stream.kind: 'class-incremental' is not allowed; expected one of 'dataset-incremental', 'random' or 'arrivals'"),
+    ({"stream": {"kind": "class-incremental"}}, "stream.kind: 'class-incremental' is not allowed; expected one of 'dataset-incremental', 'random', 'custom', 'experts' or 'arrivals'"),
     ({"stream": {"length": 0}}, "stream.length: Input should be greater than or equal to 1 (got 0)"),
     ({"device": "tpu"}, "device: 'tpu' is not allowed; expected one of 'auto', 'cpu' or 'cuda'"),
-    ({"trian": {}}, "trian: unknown field; allowed fields here: ['data', 'device', 'model'"),
+    ({"trian": {}}, "trian: unknown field; allowed fields here: ['data', 'device', 'eval', 'model'"),
     ({"train": {"learning_rate": 1}}, "train.learning_rate: unknown field; allowed fields here: ['batch_size'"),
 ])
 def test_a_bad_field_is_named_with_its_allowed_values(raw, needle):

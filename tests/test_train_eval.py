@@ -106,6 +106,7 @@ def test_retrieval_recall_of_a_perfect_and_a_random_encoder(tok):
             self.ids = {c: i for i, c in enumerate(sorted(set(captions)))}
             self.images = {split.images[i].tobytes(): self.ids[c] for i, c in enumerate(captions)}
             self.dim = len(self.ids)
+            self.preprocess_cfg = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}  # read by model_input
 
         def encode_image(self, x, normalize=True):
             raw = np.round(((x.permute(0, 2, 3, 1) * 0.25 + 0.5) * 255).numpy()).astype(np.uint8)

@@ -6,6 +6,10 @@
 * `random`: the (dataset, class) pairs of the classification datasets are shuffled by seed and
   dealt into T tasks; each task trains on the images of its classes and is tested on theirs.
   Retrieval datasets are dealt whole into the first tasks' evaluation only.
+
+Users' own streams (`dataset_stream`, `expert_stream`) are lists of named datasets (`chronomerge
+data add`), one whole dataset per task, or of experts trained elsewhere, each with an optional
+dataset to evaluate it on.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 from chronomerge.data import catalog
 from chronomerge.data.generate import Split, load_split
 
-STREAMS = ("dataset-incremental", "random")
+STREAMS = ("dataset-incremental", "random")       # the embedded benchmark's streams
+USER_STREAMS = ("custom", "experts", "arrivals")  # stream.tasks / stream.experts / what `update` received
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,11 @@ class Task:
     parts: tuple[tuple[str, tuple[int, ...] | None], ...]  # (dataset, class ids or None for all)
     round: int = 0
     rounds: int = 1
+    expert: str | None = None  # an expert trained elsewhere (path): imported instead of trained
+
+    @property
+    def datasets(self) -> list[str]:
+        return [name for name, _ in self.parts]
 
 
 def build_stream(kind: str, length: int, seed: int = 0) -> list[Task]:
@@ -54,6 +64,20 @@ def build_stream(kind: str, length: int, seed: int = 0) -> list[Task]:
             by_ds.setdefault(order[i][0], []).append(order[i][1])
         tasks.append(Task(t, f"t{t:03d}-random", tuple((d, tuple(sorted(c))) for d, c in sorted(by_ds.items()))))
     return tasks
+
+
+def dataset_stream(names: list[str]) -> list[Task]:
+    """Task t trains on the whole t-th named dataset (stream kinds custom and arrivals)."""
+    return [Task(t, f"t{t:03d}-{name}", ((name, None),)) for t, name in enumerate(names)]
+
+
+def expert_stream(experts: list[dict]) -> list[Task]:
+    """Task t imports expert t (`{"path": ..., "dataset": name or None}`), evaluated on its dataset."""
+    from pathlib import Path
+
+    return [Task(t, f"t{t:03d}-{e.get('dataset') or Path(e['path']).stem}",
+                 ((e["dataset"], None),) if e.get("dataset") else (), expert=e["path"])
+            for t, e in enumerate(experts)]
 
 
 def task_split(root: str | os.PathLike, task: Task, split: str) -> Split:
