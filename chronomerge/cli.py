@@ -12,9 +12,11 @@ from pathlib import Path
 
 import yaml
 
+from chronomerge.checkpoints import as_expert, header_metadata, read_checkpoint
 from chronomerge.lineage import lineage_lines
-from chronomerge.merge import TECHNIQUES, merge, resolve_hparams
-from chronomerge.statedict import CorruptCheckpointError, LazyStateDict
+from chronomerge.merge import CONTINUAL, TECHNIQUES, merge, resolve_hparams
+from chronomerge.merge import params as P
+from chronomerge.statedict import CorruptCheckpointError
 from chronomerge.store import CheckpointStore, atomic_save
 
 
@@ -29,15 +31,36 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_merge(args) -> int:
+    """Merge experts over a base with one technique, or fold them in the given order into a continual
+    merger (OPCM, continual TA / TIES / averaging, EMA). Inputs: open_clip safetensors files or
+    Hugging Face CLIP folders (a vision-only expert takes the base's text tower). The output is a
+    plain open_clip state dict; it records the architecture when the base does (`model.name: auto`)."""
     hp = _parse_sets(args.set)
-    resolve_hparams(args.technique, hp)  # fail before reading any weights
-    base = LazyStateDict.from_file(args.base)
-    models = [LazyStateDict.from_file(p) for p in args.models]
-    merged = merge(args.technique, base, models, weights=args.weights, device=args.device, **hp)
-    atomic_save(merged, args.out, {"chronomerge_merge": json.dumps(
-        {"technique": args.technique, "hparams": hp, "weights": args.weights,
-         "base": str(args.base), "models": [str(p) for p in args.models]})})
-    print(f"wrote {args.out}")
+    continual = args.technique in CONTINUAL
+    if continual:  # fail before reading any weights
+        P.resolve(args.technique, CONTINUAL[args.technique].PARAMS, hp)
+        if args.weights:
+            raise ValueError(f"--weights: {args.technique} folds the models in order and takes no weights")
+    else:
+        resolve_hparams(args.technique, hp)
+    if Path(args.out).suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: the output must end in .safetensors")
+    base = read_checkpoint(args.base)
+    if base.vision_only:
+        raise ValueError(f"--base {args.base}: holds only an image tower; the base must be a whole CLIP model")
+    models = [as_expert(read_checkpoint(p), base.state) for p in args.models]
+    if continual:
+        merger = CONTINUAL[args.technique](base.state, device=args.device, **hp)
+        for m in models:
+            merged = merger.update(m)
+    else:
+        merged = merge(args.technique, base.state, models, weights=args.weights, device=args.device, **hp)
+    meta = {"chronomerge_merge": json.dumps({"technique": args.technique, "hparams": hp, "weights": args.weights,
+                                             "base": str(args.base), "models": [str(p) for p in args.models]})}
+    if base.config is not None and base.name is not None:
+        meta |= header_metadata(base.name, base.config, base.preprocess or {})
+    atomic_save({k: v.contiguous() for k, v in merged.items()}, args.out, meta)
+    print(f"wrote {args.out} ({args.technique} of {len(models)} model(s) over {args.base})")
     return 0
 
 
@@ -68,10 +91,12 @@ def cmd_lineage_store(args) -> int:
 
 
 def add_core_commands(sub) -> None:
-    m = sub.add_parser("merge", help="merge safetensors checkpoints with one technique")
-    m.add_argument("technique", choices=sorted(TECHNIQUES))
-    m.add_argument("--base", type=Path, required=True)
-    m.add_argument("--models", type=Path, nargs="+", required=True)
+    m = sub.add_parser("merge", help="merge checkpoints with one technique, or fold them in order into a continual merger")
+    m.add_argument("technique", choices=sorted(TECHNIQUES) + sorted(CONTINUAL))
+    m.add_argument("--base", type=Path, required=True, help="open_clip .safetensors or Hugging Face CLIP folder")
+    m.add_argument("--models", type=Path, nargs="+", required=True,
+                   help="experts in order (open_clip .safetensors or HF CLIP folders; vision-only HF experts take "
+                        "the base's text tower)")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--weights", type=float, nargs="+")
     m.add_argument("--device", default=None)

@@ -335,6 +335,21 @@ def cmd_arrive(args) -> int:
     return 0
 
 
+def cmd_data_add(args) -> int:
+    from chronomerge.data.adapters import add_dataset
+
+    cfg = load_config(args.params, args.set)
+    meta = add_dataset(args.path, cfg.data.root, args.name, templates=args.templates,
+                       test_fraction=args.test_fraction, size=args.image_size, seed=cfg.data.seed)
+    n = {k: v["n"] for k, v in meta["splits"].items()}
+    h, w = meta["image_size"]
+    print(f"dataset {args.name}: {len(meta['classes'])} classes, train {n.get('train', 0)}, test {n.get('test', 0)} "
+          f"images ({w}×{h}), digest {meta.get('digest') or '(unchanged)'}")
+    print(f"in {Path(cfg.data.root) / args.name}; use it with stream.kind=custom stream.tasks=[{args.name}, ...] "
+          f"or eval.held_out=[{args.name}]")
+    return 0
+
+
 def cmd_export(args) -> int:
     from chronomerge.export import export_open_clip
 
@@ -343,8 +358,11 @@ def cmd_export(args) -> int:
     oid = store.ref(args.checkpoint) if args.checkpoint == "latest" else args.checkpoint
     if oid is None:
         raise ValueError("export: nothing promoted yet (the store has no 'latest' ref)")
-    path = export_open_clip(store, oid, args.path, cfg.model.name)
-    print(f"exported {oid} to {path}: open_clip.create_model({cfg.model.name!r}, pretrained={str(path)!r})")
+    from flows.stream import check
+
+    arch, _ = check(cfg)
+    path = export_open_clip(store, oid, args.path, arch)
+    print(f"exported {oid} to {path}: open_clip.create_model({arch['name']!r}, pretrained={str(path)!r})")
     return 0
 
 
@@ -458,6 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     pipeline("serve", cmd_serve, "serve the update flow as a Prefect deployment on the params schedule")
     ar = pipeline("arrive", cmd_arrive, "drop an embedded-benchmark dataset into update.incoming (a demo of new data)")
     ar.add_argument("dataset", help="an adaptation dataset of the embedded benchmark, e.g. letters-photo")
+    data = sub.add_parser("data", help="your own datasets: chronomerge data add PATH --name NAME")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    da = dsub.add_parser("add", help="turn an image folder (a sub-folder per class) or a CSV/JSONL manifest into a task dataset")
+    da.add_argument("path", help="image folder, or manifest .csv/.jsonl with columns path,label[,caption]")
+    da.add_argument("--name", required=True, help="dataset name (under data.root)")
+    da.add_argument("--templates", nargs="+", metavar="TEMPLATE", help='zero-shot prompts with {c}, e.g. "a photo of a {c}."')
+    da.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held for testing (1: evaluation only)")
+    da.add_argument("--image-size", type=int, help="store images at this square size (default: native, or 224 when sizes differ)")
+    da.add_argument("--params", default="params.yaml", help="params file (data.root, data.seed)")
+    da.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    da.set_defaults(fn=cmd_data_add)
     ex = pipeline("export", cmd_export, "write a stored checkpoint as a plain open_clip checkpoint")
     ex.add_argument("checkpoint", help="checkpoint id, or 'latest' for the promoted model")
     ex.add_argument("path", help="output file, ending in .safetensors")
