@@ -1,15 +1,25 @@
-"""Arriving task data for the continual update service: find, check, register in arrival order.
+"""What arrives for the continual update service: find, check, register in arrival order.
 
-`incoming/<name>/` is one new task's dataset in chronomerge's dataset format (`meta.json`,
-`train.safetensors`, `test.safetensors`, as `chronomerge.data.generate` writes them); `meta.json`
-is written last, so a folder without it is still arriving and is left for the next run. The record
-`.chronomerge/arrivals.json` lists the registered datasets in arrival order with their digests;
-registering copies a dataset under the data root (temp folder, then rename), where the stream reads it.
-A dataset that cannot be read, changed after it was registered, or clashes with a different dataset
-of the same name is rejected with the reason, and nothing is registered for it.
+`update.incoming` holds, one entry per new task:
+* a dataset in chronomerge's format (`<name>/meta.json`, `train.safetensors`, `test.safetensors`,
+  as `chronomerge data add` and the generator write them; `meta.json` last);
+* a plain image folder (`<name>/<class>/<image>`) or a manifest (`<name>.csv` / `<name>.jsonl`),
+  converted with `chronomerge data add`'s rules (stratified 80/20 split, native image size);
+* an expert trained elsewhere (`<name>/` with a Hugging Face CLIP `config.json`, or
+  `<name>.safetensors` in open_clip's keys): imported instead of trained, and evaluated on the
+  dataset `<name>` when one has arrived (or is under the data root).
+Move a finished folder in (`mv` is atomic within a file system) rather than copying it there.
+
+The record `.chronomerge/arrivals.json` lists the registered entries in arrival order with their
+digests; registering copies a dataset (converted, for folders and manifests) under the data root
+and an expert under `<data root>/.experts/`, whole or not at all. An entry that cannot be read,
+changed after it was registered, or clashes with a different one of the same name is rejected
+with the reason; an entry that is none of the above (or a dataset without its `meta.json` yet)
+is skipped with the reason. Both are reported on every update, never silently passed over.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,11 +29,15 @@ from pathlib import Path
 
 import yaml
 
+from chronomerge.checkpoints import is_checkpoint, read_checkpoint
+from chronomerge.data.adapters import MANIFEST_SUFFIXES, NAME, add_dataset, source_kind
 from chronomerge.data.generate import dataset_digest, load_split
 from chronomerge.store import atomic_write_bytes
 
 ARRIVALS = Path(".chronomerge") / "arrivals.json"
+EXPERTS = ".experts"  # under the data root: imported experts, one folder or file each
 STREAM_KIND = "arrivals"  # stream.kind of an update's stream: stream.tasks, whole, in arrival order
+
 
 def read_arrivals(project: Path) -> list[dict]:
     path = Path(project) / ARRIVALS
@@ -37,37 +51,96 @@ def _check(folder: Path) -> None:
             raise ValueError(f"the {split} split is empty")
 
 
+def tree_digest(path: Path) -> str:
+    """SHA-256 over every file below `path` (relative names and bytes), or of the file itself."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(path) if p != path else p.name).encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def classify(entry: Path) -> tuple[str | None, str]:
+    """(kind, reason): kind 'dataset' | 'folder' | 'manifest' | 'expert', or None with why not."""
+    if entry.name.startswith("."):
+        return None, "hidden"
+    if entry.is_dir() and (entry / "meta.json").exists():
+        return "dataset", ""
+    if is_checkpoint(entry):
+        return "expert", ""
+    if source_kind(entry):
+        return source_kind(entry), ""
+    if entry.is_dir() and any(p.suffix == ".safetensors" for p in entry.iterdir()):
+        return None, "dataset files without meta.json (still arriving?)"
+    return None, ("not a dataset (meta.json), an image folder (class sub-folders of images), a manifest "
+                  f"({', '.join(MANIFEST_SUFFIXES)}) or an expert (a Hugging Face CLIP folder or a .safetensors file)")
+
+
+def _task_name(entry: Path) -> str:
+    return entry.stem if entry.is_file() else entry.name
+
+
 def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(new arrivals in arrival order, rejected ones with a reason) among the folders of `incoming`."""
-    registered = {a["name"]: a["digest"] for a in known}
-    ready = [f for f in Path(incoming).iterdir() if f.is_dir() and (f / "meta.json").exists()] \
-        if Path(incoming).is_dir() else []
+    """(new arrivals in arrival order, rejected or skipped ones with a reason) in `incoming`."""
+    registered = {a.get("entry", a["name"]): a["digest"] for a in known}
+    entries = sorted(Path(incoming).iterdir(), key=lambda f: (f.stat().st_mtime, f.name)) if Path(incoming).is_dir() else []
     new, rejected = [], []
-    for folder in sorted(ready, key=lambda f: ((f / "meta.json").stat().st_mtime, f.name)):
-        name, digest = folder.name, dataset_digest(folder)
-        if name in registered:
-            if digest != registered[name]:
-                rejected.append({"name": name, "reason": "changed after it was registered; "
-                                                         "new data for a task arrives under a new folder name"})
+    for entry in entries:
+        kind, why = classify(entry)
+        name = _task_name(entry)
+        if kind is None:
+            if why != "hidden":
+                rejected.append({"name": entry.name, "status": "skipped", "reason": why})
+            continue
+        if not NAME.match(name):
+            rejected.append({"name": entry.name, "status": "rejected",
+                             "reason": "a task name takes letters, digits, '.', '_' or '-'"})
+            continue
+        digest = dataset_digest(entry) if kind == "dataset" else tree_digest(entry)
+        if entry.name in registered:
+            if digest != registered[entry.name]:
+                rejected.append({"name": name, "status": "rejected", "reason": "changed after it was registered; "
+                                                         "new data for a task arrives under a new name"})
             continue
         try:
-            _check(folder)
-        except Exception as e:  # noqa: BLE001 - any unreadable dataset is rejected with its reason
-            rejected.append({"name": name, "reason": f"unreadable: {type(e).__name__}: {e}"})
+            if kind == "dataset":
+                _check(entry)
+            elif kind == "expert":
+                read_checkpoint(entry)
+        except Exception as e:  # noqa: BLE001 - any unreadable arrival is rejected with its reason
+            rejected.append({"name": name, "status": "rejected", "reason": f"unreadable: {type(e).__name__}: {e}"})
             continue
-        target = Path(data_root) / name
-        if target.exists() and dataset_digest(target) != digest:
-            rejected.append({"name": name, "reason": f"a different dataset named {name!r} is already in {data_root}"})
+        target = Path(data_root) / (f"{EXPERTS}/{entry.name}" if kind == "expert" else name)
+        if kind == "dataset" and target.exists() and dataset_digest(target) != digest:
+            rejected.append({"name": name, "status": "rejected", "reason": f"a different dataset named {name!r} is already in {data_root}"})
             continue
-        new.append({"name": name, "digest": digest, "arrived": time.time()})
+        new.append({"name": name, "digest": digest, "kind": kind, "entry": entry.name, "arrived": time.time()})
     return new, rejected
 
 
+def stream_tasks(record: list[dict], data_root: Path) -> list:
+    """The update stream's `stream.tasks`: a dataset name per data arrival, and `{path, dataset}` per
+    expert (its dataset: the arrived or present dataset of the same name, if any)."""
+    datasets = {a["name"] for a in record if a.get("kind", "dataset") != "expert"}
+    out: list = []
+    for a in record:
+        if a.get("kind", "dataset") != "expert":
+            out.append(a["name"])
+        else:
+            has = a["name"] in datasets or (Path(data_root) / a["name"] / "meta.json").exists()
+            out.append({"path": str(Path(data_root) / EXPERTS / a["entry"]), "dataset": a["name"] if has else None})
+    return out
+
+
 def copy_dataset(source: Path, target: Path) -> None:
-    """Copy a dataset folder so that `target` appears whole or not at all (temp folder, rename)."""
+    """Copy a folder (or file) so that `target` appears whole or not at all (temp copy, rename)."""
     tmp = Path(target).with_name(f".tmp-{Path(target).name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    if Path(source).is_dir():
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
     tmp.rename(target)
 
 
@@ -78,21 +151,28 @@ def digest_arrived(data_root: Path, names: list[str], digests: dict[str, str]) -
         if name not in out:
             folder = Path(data_root) / name
             if not (folder / "meta.json").exists():
-                raise FileNotFoundError(f"stream.tasks names {name!r}, but {folder} holds no dataset")
+                raise FileNotFoundError(f"dataset {name!r} is not under {data_root} (no {folder / 'meta.json'}); "
+                                        f"add it with: chronomerge data add PATH --name {name}")
             out[name] = dataset_digest(folder)
     return out
 
 
 def register(project: Path, incoming: Path, data_root: Path, known: list[dict], new: list[dict]) -> list[dict]:
-    """Copy each new dataset under `data_root` and append it to the arrivals record `known`;
-    returns the record.
+    """Copy each new dataset (converted from a folder or manifest) or expert under `data_root` and
+    append it to the arrivals record `known`; returns the record.
 
     Copies land before the record names them: a crash in between leaves a copy that the next scan
     finds identical and registers."""
     for a in new:
-        target = Path(data_root) / a["name"]
-        if not target.exists():
-            copy_dataset(Path(incoming) / a["name"], target)
+        source = Path(incoming) / a["entry"]
+        target = Path(data_root) / (f"{EXPERTS}/{a['entry']}" if a["kind"] == "expert" else a["name"])
+        if target.exists():
+            continue
+        if a["kind"] in ("folder", "manifest"):
+            add_dataset(source, data_root, a["name"])
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_dataset(source, target)
     record = known + new
     path = Path(project) / ARRIVALS
     path.parent.mkdir(parents=True, exist_ok=True)

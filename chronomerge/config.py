@@ -68,15 +68,16 @@ class ExpertEntry(_Section):
 
 class StreamSection(_Section):
     """`kind`: the embedded benchmark's `dataset-incremental` or `random` streams (`length` tasks);
-    `custom`: the user's datasets in `tasks`, one per task; `experts`: the experts in `experts`,
-    imported in order instead of trained; `arrivals`: what `chronomerge update` received (set by it).
+    `custom`: the user's tasks in `tasks`, one per task: a dataset name (trained on) or an expert
+    `{path, dataset}` (imported); `experts`: the experts in `experts`, imported in order; `arrivals`: what `chronomerge update` received (set by it).
     For custom, experts and arrivals, `length` may be left out: it is the number of tasks."""
 
     kind: Literal[(*STREAMS, *USER_STREAMS)] = "dataset-incremental"  # type: ignore[valid-type]
     length: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     multitask: bool = False  # the joint-training baseline: one task of all the stream's data, T × the steps
-    tasks: list[str] = Field(default_factory=list)  # custom, arrivals: dataset names under data.root, in order
+    # custom, arrivals: in order, a dataset name under data.root (trained) or an expert entry (imported)
+    tasks: list[str | ExpertEntry] = Field(default_factory=list)
     experts: list[ExpertEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -100,8 +101,9 @@ class StreamSection(_Section):
         return self
 
     @property
-    def embedded(self) -> bool:
-        return self.kind in STREAMS
+    def expert_paths(self) -> list[str]:
+        """Every expert file or folder the stream imports."""
+        return [e.path for e in [*self.experts, *self.tasks] if isinstance(e, ExpertEntry)]
 
 
 class EvalSection(_Section):

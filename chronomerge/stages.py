@@ -20,7 +20,7 @@ from chronomerge.arrivals import digest_arrived
 from chronomerge.benchmark import ensure_base, load_model
 from chronomerge.checkpoints import as_expert, read_checkpoint
 from chronomerge.data import catalog, load_split, prepare
-from chronomerge.data.streams import STREAMS, Task, dataset_stream, expert_stream, build_stream, task_split
+from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, user_stream
 from chronomerge.evaluate import score, summarize
 from chronomerge.models import base_weights, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore, atomic_write_bytes
@@ -65,11 +65,9 @@ def task_from_dict(d: Mapping[str, Any]) -> Task:
 
 def build_tasks(stream: Mapping[str, Any]) -> list[Task]:
     """The tasks of a stream section (`chronomerge.config.StreamSection`)."""
-    if stream["kind"] == "experts":
-        return expert_stream(stream["experts"])
     if stream["kind"] in STREAMS:
         return build_stream(stream["kind"], stream["length"], stream["seed"])
-    return dataset_stream(stream["tasks"])
+    return user_stream(stream["experts"] if stream["kind"] == "experts" else stream["tasks"])
 
 
 def evaluation_sets(stream: Mapping[str, Any], held_out: Sequence[str] | None) -> dict[str, list[str]]:

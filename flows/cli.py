@@ -118,7 +118,7 @@ def cmd_status(args) -> int:
     known = json.loads(manifest.read_text())["datasets"]
     try:  # digests as recorded (embedded) or as the folders are (the user's); nothing is generated
         digests = digest_arrived(ws.data, [n for n in [*sets["adaptation"], *sets["held_out"]] if n not in known], known)
-        digests |= {f"expert:{e.path}": read_checkpoint(e.path).digest() for e in cfg.stream.experts}
+        digests |= {f"expert:{p}": read_checkpoint(p).digest() for p in cfg.stream.expert_paths}
     except (FileNotFoundError, ValueError) as e:
         print(f"data: not ready ({e}); next: prepare")
         return 0
@@ -253,7 +253,7 @@ def cmd_update(args) -> int:
     d = update_flow(project=".", params=args.params, sets=args.set)
     print(f"{d['status']}: {d['reason']}")
     for r in d["rejected"]:
-        print(f"rejected {r['name']}: {r['reason']}")
+        print(f"{r.get('status', 'rejected')} {r['name']}: {r['reason']}")
     if "candidate" in d:
         m = d["metrics"]
         print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "

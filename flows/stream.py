@@ -64,18 +64,20 @@ def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
         sets = evaluation_sets(cfg.to_dict()["stream"], cfg.eval.held_out)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for i, e in enumerate(cfg.stream.experts):
+    field = "experts" if cfg.stream.kind == "experts" else "tasks"
+    for i, e in enumerate(getattr(cfg.stream, field)):
         try:
-            read_checkpoint(e.path)
+            if not isinstance(e, str):
+                read_checkpoint(e.path)
         except CheckpointError as err:
-            raise ConfigError(f"stream.experts.{i}.path: {err}") from None
+            raise ConfigError(f"stream.{field}.{i}.path: {err}") from None
     return arch, sets
 
 
 def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) -> dict[str, str]:
     """Every dataset (and expert file) the stream reads, made or checked, with its digest."""
     return prepare(ws, cfg.to_dict()["data"], bool(cfg.model.pretrained), [*sets["adaptation"], *sets["held_out"]],
-                   [e.path for e in cfg.stream.experts])
+                   cfg.stream.expert_paths)
 
 
 def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:

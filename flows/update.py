@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow
 
 from chronomerge import promotion
-from chronomerge.arrivals import STREAM_KIND, read_arrivals
+from chronomerge.arrivals import STREAM_KIND, read_arrivals, stream_tasks
 from chronomerge.config import apply_overrides, load_config
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
@@ -62,7 +62,7 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
         return {**base, "status": "up to date", "promoted": False,
                 "reason": f"no new data since the last update ({len(arrived)} tasks)"}
     raw = apply_overrides(cfg.to_dict(), [f"stream.kind={STREAM_KIND}", f"stream.length={len(arrived)}"])
-    raw["stream"]["tasks"] = [a["name"] for a in arrived]
+    raw["stream"]["tasks"] = stream_tasks(arrived, data_root)
     summary = stream_flow(raw, project=str(root), quiet=True,
                           tags={"chronomerge.update": "true", "update.new_tasks": ",".join(base["new"]) or "-"})
     current = promotion.promoted(decisions)

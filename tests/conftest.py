@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from chronomerge.models import create_model
 
@@ -72,3 +74,17 @@ def project(tmp_path, seeded_project, prefect_api, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / ".prefect" / "storage"}):
         yield tmp_path
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_image_folder(root, classes=("red", "green", "blue"), n=6, size=(48, 40), seed=0):
+    """A user's image folder: class sub-folders of noisy one-colour PNGs (a size no model takes natively)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.clip(np.array(COLOURS[c], np.float32) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+            Image.fromarray(img.astype(np.uint8)).save(root / c / f"{i}.png")
+    return root

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from chronomerge.checkpoints import read_checkpoint
 from chronomerge.config import ConfigError, load_config
@@ -25,25 +24,12 @@ from chronomerge.evaluate import score
 from chronomerge.data import load_split
 from chronomerge.merge import merge
 from chronomerge.models import architecture, create_model, get_tokenizer
-from chronomerge.store import CheckpointStore, atomic_save
+from chronomerge.store import CheckpointStore
 from flows.stream import STAGES, stream_flow
 
+from conftest import make_image_folder
+
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def image_folder(root: Path, classes=("red", "green", "blue"), n=6, size=(48, 40), seed=0) -> Path:
-    """Class sub-folders of noisy single-colour images (a size no model takes natively)."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            base = np.array(COLOURS[c], np.float32)
-            img = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / c / f"{i}.png")
-    return root
-
-
 def run_stream(project: Path, **params):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in params.items():
@@ -54,7 +40,7 @@ def run_stream(project: Path, **params):
 
 def test_vit_b_32_stream_runs_every_stage_end_to_end_on_the_cpu(project):
     for name in ("colours-a", "colours-b"):
-        add_dataset(image_folder(project / "src" / name, seed=len(name)), project / "data", name, test_fraction=0.34)
+        add_dataset(make_image_folder(project / "src" / name, seed=len(name)), project / "data", name, test_fraction=0.34)
     summary = run_stream(project, model={"name": "ViT-B-32"}, pretrain={"steps": 1, "batch_size": 4},
                          stream={"kind": "custom", "tasks": ["colours-a", "colours-b"], "length": 2},
                          train={"steps": 2, "batch_size": 4})
@@ -79,7 +65,7 @@ def test_vit_b_16_merge_and_evaluation(tmp_path):
     merged = merge("ties", base, experts, keep=0.2)
     model = create_model(arch)
     model.load_state_dict(merged)
-    add_dataset(image_folder(tmp_path / "src", n=3), tmp_path / "data", "colours", test_fraction=1)
+    add_dataset(make_image_folder(tmp_path / "src", n=3), tmp_path / "data", "colours", test_fraction=1)
     split = load_split(tmp_path / "data", "colours", "test")
     assert split.images.shape[1:3] == (40, 48)  # stored at native size, resized by the model on read
     acc = score(model, get_tokenizer(arch), split, "cpu")
@@ -88,7 +74,7 @@ def test_vit_b_16_merge_and_evaluation(tmp_path):
 
 
 def test_data_add_stores_native_images_with_a_stratified_split_and_refuses_what_it_cannot_read(tmp_path):
-    src = image_folder(tmp_path / "src", n=5)
+    src = make_image_folder(tmp_path / "src", n=5)
     meta = add_dataset(src, tmp_path / "data", "colours", test_fraction=0.4, templates=["a {c} thing."])
     assert meta["splits"]["train"]["n"] == 9 and meta["splits"]["test"]["n"] == 6  # 2 of 5 per class
     test = load_split(tmp_path / "data", "colours", "test")
@@ -104,8 +90,8 @@ def test_data_add_stores_native_images_with_a_stratified_split_and_refuses_what_
         add_dataset(src, tmp_path / "data", "y", templates=["a photo"])
     with pytest.raises(ValueError, match="--name 'letters-photo' is not allowed"):
         add_dataset(src, tmp_path / "data", "letters-photo")
-    mixed = image_folder(tmp_path / "mixed", classes=("red",), n=2, size=(30, 20))
-    image_folder(mixed, classes=("blue",), n=2, size=(64, 64))
+    mixed = make_image_folder(tmp_path / "mixed", classes=("red",), n=2, size=(30, 20))
+    make_image_folder(mixed, classes=("blue",), n=2, size=(64, 64))
     assert add_dataset(mixed, tmp_path / "data", "mixed")["image_size"] == [224, 224]
 
 
@@ -165,8 +151,8 @@ def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
     params_name, params_text, commands = _readme_blocks()
     _hf_models(tmp_path / "hf")
     for i, task in enumerate(("task-a", "task-b", "task-c")):
-        image_folder(tmp_path / "images" / task, seed=i)
-    image_folder(tmp_path / "images" / "zero-shot", classes=("red", "blue"), n=4, seed=9)
+        make_image_folder(tmp_path / "images" / task, seed=i)
+    make_image_folder(tmp_path / "images" / "zero-shot", classes=("red", "blue"), n=4, seed=9)
     (tmp_path / params_name).write_text(params_text + f"tracking: {{mlflow_uri: 'sqlite:///{tmp_path}/mlflow.db'}}\n")
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / ".prefect" / "storage")}

@@ -41,6 +41,8 @@ def test_the_gate_compares_with_the_promoted_model_and_the_floors():
     assert gate({"A_ZS": 0.1}, None, ["A_ZS"], 0.0)[0]
     ok, why = gate({"A_ZS": 0.1}, None, ["A_ZS"], 0.0, {"A_ZS": 0.2})
     assert not ok and "A_ZS 10.00 < floor 20.00" in why
+    ok, why = gate({"A_KA": 0.5, "A_ZS": None, "GM": None}, None, ["A_ZS"], 0.0)  # no held-out sets
+    assert not ok and why.startswith("gate refused: A_ZS not measured")
 
 
 def test_update_settings_are_validated(tmp_path):
@@ -48,7 +50,7 @@ def test_update_settings_are_validated(tmp_path):
                       (["update.cron=0 * * * *"], "exactly one of interval"),
                       (["update.gate.metrics=[BWT]"], "update.gate.metrics.0: 'BWT' is not allowed"),
                       (["update.gate.floor={A_ZS: 2}"], "floors are accuracies in [0, 1]"),
-                      (["stream.tasks=[letters-photo]"], "tasks lists the datasets of kind 'arrivals'")):
+                      (["stream.tasks=[letters-photo]"], "kind 'dataset-incremental' builds its own tasks")):
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             load_config(None, sets)
 
@@ -64,7 +66,10 @@ def test_arriving_data_is_trained_merged_gated_and_audited(dvc_project, capsys):
 
     first = update_flow(project=str(project))
     assert first["status"] == "promoted" and first["new"] == ["letters-photo", "numerals-neon"]
-    assert [r["name"] for r in first["rejected"]] == ["broken"] and "unreadable" in first["rejected"][0]["reason"]
+    reported = {r["name"]: r for r in first["rejected"]}
+    assert sorted(reported) == ["broken", "half-written"]
+    assert reported["broken"]["status"] == "rejected" and "unreadable" in reported["broken"]["reason"]
+    assert reported["half-written"]["status"] == "skipped" and "not a dataset (meta.json)" in reported["half-written"]["reason"]
     store = CheckpointStore(project / "store")
     assert store.ref("latest") == first["candidate"]
     dvc_file = yaml.safe_load((project / "incoming.dvc").read_text())
@@ -185,3 +190,43 @@ def test_a_served_deployment_picks_up_arriving_data(dvc_project):
             serve.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def test_update_takes_image_folders_manifests_and_experts_and_reports_the_rest(project, capsys):
+    from safetensors.torch import save_file
+
+    from chronomerge.models import create_model
+    from conftest import make_image_folder
+
+    incoming = project / "incoming"
+    make_image_folder(incoming / "colours", n=5)
+    make_image_folder(project / "pics", classes=("red", "blue"), n=3, seed=4)
+    rows = [f"../pics/{c}/{i}.png,{c}" for c in ("red", "blue") for i in range(3)]
+    (incoming / "few.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    time.sleep(0.05)  # arrival order follows modification times
+    g = torch.Generator().manual_seed(5)
+    expert = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v).contiguous()
+              for k, v in create_model(seed=1).state_dict().items()}
+    save_file(expert, incoming / "colours.safetensors")  # evaluated on the dataset of the same name
+    (incoming / "notes.txt").write_text("not a task")
+
+    first = update_flow(project=str(project))
+    assert first["status"] == "promoted" and first["new"] == ["colours", "few", "colours"]
+    assert [(r["name"], r["status"]) for r in first["rejected"]] == [("notes.txt", "skipped")]
+    assert [a["kind"] for a in read_arrivals(project)] == ["folder", "manifest", "expert"]
+    assert (project / "data" / "colours" / "meta.json").exists() and (project / "data" / "few" / "meta.json").exists()
+    store = CheckpointStore(project / "store")
+    client = MlflowClient(tracking_uri=load_config(project / "params.yaml").tracking.mlflow_uri)
+    runs = client.search_runs([client.get_run(first["run_id"]).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{first['run_id']}'")
+    by_t = {r.data.tags["chronomerge.t"]: r for r in runs}
+    imported = store.meta(by_t["3"].data.tags["lineage.expert"])
+    assert imported["technique"] == "import" and imported["extra"]["format"] == "open_clip"
+    assert imported["extra"]["source"].endswith("data/.experts/colours.safetensors")
+    assert by_t["3"].data.metrics["acc/colours"] >= 0 and "acc/few" in by_t["3"].data.metrics
+
+    again = update_flow(project=str(project))
+    assert again["status"] == "up to date" and [r["name"] for r in again["rejected"]] == ["notes.txt"]
+    capsys.readouterr()
+    assert main(["update"]) == 0
+    assert "skipped notes.txt: not a dataset (meta.json), an image folder" in capsys.readouterr().out

@@ -66,18 +66,20 @@ def build_stream(kind: str, length: int, seed: int = 0) -> list[Task]:
     return tasks
 
 
-def dataset_stream(names: list[str]) -> list[Task]:
-    """Task t trains on the whole t-th named dataset (stream kinds custom and arrivals)."""
-    return [Task(t, f"t{t:03d}-{name}", ((name, None),)) for t, name in enumerate(names)]
-
-
-def expert_stream(experts: list[dict]) -> list[Task]:
-    """Task t imports expert t (`{"path": ..., "dataset": name or None}`), evaluated on its dataset."""
+def user_stream(entries: list) -> list[Task]:
+    """A user's stream (kinds custom, experts, arrivals): entry t is a dataset name (task t trains on
+    the whole dataset) or an expert `{"path": ..., "dataset": name or None}` (task t imports it and
+    is evaluated on its dataset)."""
     from pathlib import Path
 
-    return [Task(t, f"t{t:03d}-{e.get('dataset') or Path(e['path']).stem}",
-                 ((e["dataset"], None),) if e.get("dataset") else (), expert=e["path"])
-            for t, e in enumerate(experts)]
+    tasks = []
+    for t, e in enumerate(entries):
+        if isinstance(e, str):
+            tasks.append(Task(t, f"t{t:03d}-{e}", ((e, None),)))
+        else:
+            tasks.append(Task(t, f"t{t:03d}-{e.get('dataset') or Path(e['path']).stem}",
+                              ((e["dataset"], None),) if e.get("dataset") else (), expert=e["path"]))
+    return tasks
 
 
 def task_split(root: str | os.PathLike, task: Task, split: str) -> Split:
