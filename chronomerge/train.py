@@ -210,6 +210,10 @@ class Linearized(torch.nn.Module):
         feats = out + jvp_out
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def forward(self, image: torch.Tensor, text: None = None):
+        """As open_clip's CLIP.forward for an image batch alone: (features, None, exp(logit_scale))."""
+        return self.encode_image(image, normalize=True), None, self.logit_scale.exp()
+
     @torch.no_grad()
     def fold(self) -> None:
         for n, p in self.model.visual.named_parameters():
@@ -234,17 +238,18 @@ def _progress(cfg: TrainConfig):
     return tqdm(total=cfg.steps, desc=f"train ({cfg.mode})", leave=False)
 
 
+# Both steps call the model itself (open_clip's forward: normalised image and text features and
+# exp(logit_scale)), not its encode_* methods, so that a torch.compile'd model runs compiled.
 def _clip_step(model, x, tokens) -> torch.Tensor:
-    img = model.encode_image(x, normalize=True)
-    txt = model.encode_text(tokens, normalize=True)
-    logits = model.logit_scale.exp() * img @ txt.T
+    img, txt, scale = model(x, tokens)[:3]
+    logits = scale * img @ txt.T
     target = torch.arange(len(x), device=x.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def _vision_step(model, x, labels, head) -> torch.Tensor:
-    img = model.encode_image(x, normalize=True)
-    logits = model.logit_scale.exp().detach() * img @ head.to(img.dtype)
+    img, _, scale = model(x, None)[:3]
+    logits = scale.detach() * img @ head.to(img.dtype)
     return F.cross_entropy(logits, labels)
 
 

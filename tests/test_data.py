@@ -121,7 +121,7 @@ def test_image_folder_adapter(tmp_path):
     _write_images(tmp_path / "dog_house", 3, (0, 0, 255))
     split, digest = image_folder(tmp_path)
     assert split.classes == ["cat", "dog house"] and list(split.labels) == [0, 0, 1, 1, 1]
-    assert split.images.shape == (5, 32, 32, 3) and split.images[0, 0, 0].tolist() == [255, 0, 0]
+    assert split.images.shape == (5, 20, 40, 3) and split.images[0, 0, 0].tolist() == [255, 0, 0]  # native size
     assert image_folder(tmp_path)[1] == digest
     _write_images(tmp_path / "dog_house", 1, (0, 255, 0))
     assert image_folder(tmp_path)[1] != digest

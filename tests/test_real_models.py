@@ -95,7 +95,7 @@ def test_data_add_stores_native_images_with_a_stratified_split_and_refuses_what_
     assert add_dataset(mixed, tmp_path / "data", "mixed")["image_size"] == [224, 224]
 
 
-def test_a_bad_model_or_expert_is_one_clear_error_before_any_work(project):
+def test_a_bad_model_or_expert_is_one_clear_error_before_any_work(project, capsys):
     from flows.cli import main
 
     for sets, needle in ((["model.name=ViT-B-99"], "model.name: unknown open_clip architecture 'ViT-B-99'"),
@@ -105,12 +105,14 @@ def test_a_bad_model_or_expert_is_one_clear_error_before_any_work(project):
                           "stream.experts.0.path: nowhere/expert: no such file or folder"),
                          (["stream.kind=custom", "stream.length=1", "stream.tasks=[letters-photo]", "eval.held_out=[letters-photo]"],
                           "eval.held_out: ['letters-photo'] are trained on by the stream")):
-        args = [x for s in sets for x in ("--set", s)]
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=project, capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert main(["run", *[x for s in sets for x in ("--set", s)]]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (project / "outputs").exists()  # nothing ran
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--set", "model.name=ViT-B-99"], cwd=project,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model.name: unknown open_clip architecture")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="kind 'experts' takes its tasks from experts"):
         load_config(None, ["stream.kind=experts"])
 
