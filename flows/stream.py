@@ -231,6 +231,9 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
     # What the deployed model is made of, by 16-hex prefixes (≈17 characters per expert, so a
     # 100-task stream fits an MLflow tag): `chronomerge lineage --at` answers from MLflow alone.
     tags["lineage.made_of"] = ",".join(e[:16] for e in experts_in(store_, ids["deployed"]))
+    source = store_.meta(ids["expert"])["extra"]
+    if "source" in source:  # an expert trained elsewhere: where it came from
+        tags.update({f"lineage.expert.{k}": str(source[k]) for k in ("source", "source_digest", "format")})
     tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
                  **{f"stage.{s}": v for s, v in step["status"].items()}})
     metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss") if step[k] is not None}

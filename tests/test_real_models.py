@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from mlflow import MlflowClient
+
 from chronomerge.checkpoints import read_checkpoint
 from chronomerge.config import ConfigError, load_config
 from chronomerge.data.adapters import add_dataset
@@ -173,6 +175,14 @@ def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
     meta = store.meta(store.meta(deployed)["parents"][1])  # deployed ← (state, expert, base)
     assert meta["technique"] == "import" and meta["extra"]["format"] == "hf-clip-vision"
     assert meta["extra"]["source"] == str((tmp_path / "hf" / "expert-c").resolve())
+    lineage = subprocess.run([sys.executable, "-m", "flows.cli", "lineage", deployed, "--params", params_name],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert lineage.returncode == 0 and f"source={tmp_path / 'hf' / 'expert-a'}" in lineage.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (task_run,) = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                                     f"tags.`lineage.deployed` = '{deployed}' and tags.`chronomerge.t` = '3'")
+    assert task_run.data.tags["lineage.expert.source"] == str((tmp_path / "hf" / "expert-c").resolve())
+    assert task_run.data.tags["lineage.expert.format"] == "hf-clip-vision"
     ours, cli = store.load(deployed), read_checkpoint(tmp_path / "merged.safetensors")
     assert cli.name and cli.config  # the merge records its architecture
     assert sorted(ours) == sorted(cli.state)
