@@ -33,7 +33,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -352,7 +351,3 @@ def as_expert(ck: Checkpoint, base: Mapping[str, torch.Tensor]) -> Mapping[str, 
         raise CheckpointError(f"{ck.path}: a vision-only expert holds text-tower tensors")
     return OnBase(ck.state, base) if missing else ck.state
 
-
-def describe(ck: Checkpoint) -> dict[str, Any]:
-    """What lineage records of an imported checkpoint: source path, digest and format."""
-    return {"source": str(ck.path.resolve()), "source_digest": ck.digest(), "format": ck.format}

@@ -114,7 +114,8 @@ def architecture(name: str, pretrained: str | None = None) -> dict[str, Any]:
                              "Hugging Face CLIP folder or an open_clip safetensors file that records its config "
                              "(chronomerge export writes one); otherwise name the architecture, e.g. ViT-B-32")
         _register(ck.name, ck.config)
-        return {"name": ck.name, "config": ck.config, "preprocess": ck.preprocess or default_preprocess(ck.name, ck.config)}
+        return {"name": ck.name, "config": ck.config,
+                "preprocess": _checked_preprocess(ck.name, ck.preprocess or default_preprocess(ck.name, ck.config))}
     if name not in open_clip.list_models():
         raise ModelError(f"model.name: unknown open_clip architecture {name!r}; expected 'auto', {TINY!r} or one of "
                          f"open_clip.list_models() (e.g. ViT-B-32, ViT-B-16)")
@@ -129,7 +130,25 @@ def architecture(name: str, pretrained: str | None = None) -> dict[str, Any]:
     if ck is not None:
         _check_matches(name, config, ck)
     preprocess = (ck.preprocess if ck is not None and ck.preprocess else None) or default_preprocess(name, config, tag)
-    return {"name": name, "config": config, "preprocess": preprocess}
+    return {"name": name, "config": config, "preprocess": _checked_preprocess(name, preprocess)}
+
+
+def _checked_preprocess(name: str, pp: Mapping[str, Any]) -> dict:
+    """The preprocessing `model_input` can apply to RGB images of any size, or a `ModelError`."""
+    size = pp.get("size")
+    sizes = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+    problems = []
+    if len(sizes) not in (1, 2) or not all(isinstance(s, int) and s > 0 for s in sizes):
+        problems.append(f"image size {size!r} (expected a positive integer or [height, width])")
+    if pp.get("resize_mode", "shortest") not in RESIZE_MODES:
+        problems.append(f"resize_mode {pp.get('resize_mode')!r} (expected one of {list(RESIZE_MODES)})")
+    if pp.get("interpolation", "bicubic") not in ("bicubic", "bilinear", "nearest"):
+        problems.append(f"interpolation {pp.get('interpolation')!r}")
+    if len(pp.get("mean", ())) != 3 or len(pp.get("std", ())) != 3 or min(pp.get("std", (0,))) <= 0:
+        problems.append("mean/std (expected three values each, std > 0: chronomerge's data is RGB)")
+    if problems:
+        raise ModelError(f"model.name: {name!r} takes input chronomerge's RGB images cannot be fed as: {'; '.join(problems)}")
+    return dict(pp)
 
 
 def _check_matches(name: str, config: Mapping, ck) -> None:

@@ -34,11 +34,16 @@ from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
 
 
 def _config(args):
+    return load_config(args.params, args.set)
+
+
+def _checked(args):
     """The validated config, with everything beyond the schema checked too (architecture, evaluation
-    sets, experts' files): a bad field fails here, before Prefect, MLflow or any stage starts."""
+    sets, experts' files): for commands that do work, a bad field fails here, before Prefect,
+    MLflow or any stage starts. Audits (lineage, diff, report) need only `_config`."""
     from flows.stream import check
 
-    cfg = load_config(args.params, args.set)
+    cfg = _config(args)
     check(cfg)
     return cfg
 
@@ -60,7 +65,7 @@ def _boot_prefect_server():
 
 
 def cmd_run(args, cfg=None) -> int:
-    cfg = cfg or _config(args)
+    cfg = cfg or _checked(args)
     boot = _boot_prefect_server()
     from flows.stream import stream_flow
 
@@ -244,7 +249,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_update(args) -> int:
-    cfg = _config(args)  # a bad params file fails before Prefect starts
+    cfg = _checked(args)  # a bad params file fails before Prefect starts
     boot = _boot_prefect_server()
     from flows.update import update_flow
 
@@ -297,7 +302,7 @@ def _prefect_server_for_schedules() -> subprocess.Popen | None:
 
 
 def cmd_serve(args) -> int:
-    cfg = _config(args)
+    cfg = _checked(args)
     server = _prefect_server_for_schedules()
     from prefect.deployments.runner import EntrypointType
 

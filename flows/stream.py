@@ -107,6 +107,7 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     t_start = time.perf_counter()
     echo = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     cfg = validate(config)
+    arch, sets = check(cfg)  # before anything is written or started
     root = Path(project)
     c = cfg.to_dict()
     key = stream_key(cfg)
@@ -118,7 +119,6 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
     if stale:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
-    arch, sets = check(cfg)
     digests = prepare_inputs(cfg, ws, sets)
     tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
                   ws.data, stale, tags or {})

@@ -153,3 +153,17 @@ def test_auto_needs_a_checkpoint_that_records_its_architecture(tmp_path):
     assert architecture("chronoclip-tiny", str(tmp_path / "plain.safetensors"))["name"] == "chronoclip-tiny"
     with pytest.raises(ModelError, match="model.pretrained: .*missing.safetensors: no such file"):
         architecture("ViT-B-32", str(tmp_path / "missing.safetensors"))
+
+
+def test_a_preprocessing_the_data_cannot_feed_is_refused_naming_the_model(tmp_path):
+    from chronomerge.checkpoints import header_metadata
+
+    arch = architecture("chronoclip-tiny")
+    sd = {k: v.contiguous() for k, v in create_model(arch).state_dict().items()}
+    bad = {**arch["preprocess"], "mean": [0.5], "std": [0.25]}  # a one-channel model
+    save_file(sd, tmp_path / "grey.safetensors", metadata=header_metadata(arch["name"], arch["config"], bad))
+    with pytest.raises(ModelError, match="model.name: 'chronoclip-tiny' takes input .* mean/std"):
+        architecture("auto", str(tmp_path / "grey.safetensors"))
+    good = tmp_path / "tiny.safetensors"
+    save_file(sd, good, metadata=header_metadata(arch["name"], arch["config"], arch["preprocess"]))
+    assert architecture("auto", str(good)) == arch  # an export names its architecture: auto reads it back
