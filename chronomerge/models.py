@@ -127,6 +127,7 @@ def architecture(name: str, pretrained: str | None = None) -> dict[str, Any]:
             raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name}; "
                              f"its tags: {tags or 'none'}")
         tag = pretrained
+        _tag_file(name, tag)  # its weights must be in the local cache: checked before any work
     if ck is not None:
         _check_matches(name, config, ck)
     preprocess = (ck.preprocess if ck is not None and ck.preprocess else None) or default_preprocess(name, config, tag)
@@ -200,7 +201,7 @@ def base_weights(arch: Mapping[str, Any], pretrained: str) -> dict[str, torch.Te
     if _is_path(pretrained):
         state = read_checkpoint(pretrained).state
     else:
-        state = _tag_weights(arch["name"], pretrained)
+        state = read_checkpoint(_tag_file(arch["name"], pretrained)).state
     state = dict(state.items())
     try:
         model.load_state_dict(state, strict=True)
@@ -209,15 +210,16 @@ def base_weights(arch: Mapping[str, Any], pretrained: str) -> dict[str, torch.Te
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _tag_weights(name: str, tag: str) -> Mapping[str, torch.Tensor]:
-    """The safetensors weights of an open_clip tag from the local Hugging Face cache, without network."""
+def _tag_file(name: str, tag: str) -> str:
+    """The safetensors file of an open_clip tag in the local Hugging Face cache (no network), or a
+    `ModelError` that says which file to fetch and where to point `model.pretrained`."""
     from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
     repo = (cfg.get("hf_hub") or "").rstrip("/")
     found = try_to_load_from_cache(repo, "open_clip_model.safetensors") if repo else None
     if isinstance(found, str):
-        return read_checkpoint(found).state
+        return found
     source = (f"the file open_clip_model.safetensors of the Hugging Face repo {repo}" if repo
               else f"{cfg.get('url')} (then convert it to safetensors)")
     raise ModelError(

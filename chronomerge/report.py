@@ -99,13 +99,21 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = history["steps"]
     ts = [s["t"] for s in steps]
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    absent = []
     for k in ("A_KA", "A_ZS", "GM"):
-        if any(s[k] is not None for s in steps):  # absent (no held-out sets): no line, not zeros
+        if any(s[k] is not None for s in steps):
             ax.plot(ts, [np.nan if s[k] is None else 100 * s[k] for s in steps], marker="o", ms=3, label=k)
+        else:  # no evaluation sets of that kind: no line, not zeros
+            absent.append(k)
+    if absent:
+        ax.text(0.01, 0.02, f"{', '.join(absent)} absent (no held-out sets)", transform=ax.transAxes, fontsize=8,
+                color="0.4")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("task t")
     ax.set_ylabel("score (%)")
     ax.set_title(history.get("title", "stream"))
@@ -167,7 +175,7 @@ def markdown(history: Mapping[str, Any]) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in history["steps"]:
         sec = s["seconds"]
-        lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(_pct(s[k]) for k in CURVES)
+        lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(pct(s[k]) for k in CURVES)
                      + f" | {sec.get('train', 0):.1f} | {sec.get('eval', 0):.1f} |")
     lines += ["", "Scores in %. A_KA: mean over adaptation datasets; A_ZS: over held-out datasets; "
               "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t); – : absent "
@@ -180,5 +188,5 @@ def scores_line(d: Mapping[str, Any], keys: Sequence[str] = CURVES, digits: int 
     return "  ".join(f"{k} {'–' if d.get(k) is None else f'{100 * d[k]:.{digits}f}'}" for k in keys)
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "–" if x is None else "nan" if math.isnan(x) else f"{100 * x:.1f}"

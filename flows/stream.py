@@ -82,7 +82,7 @@ def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) ->
 
 def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
     ids = [out[k] for k in ID_FIELDS if k in out] + list(out.get("experts", [])) + list(out.get("fishers", []))
-    return any(i not in store for i in ids)
+    return any(i not in store for i in ids if i is not None)  # an imported expert has no Fisher
 
 
 def run_stage(task, ws: Workspace, *args) -> tuple[dict, str]:

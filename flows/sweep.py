@@ -29,6 +29,7 @@ import yaml
 from prefect import flow
 
 from chronomerge.config import ConfigError, apply_overrides, validate
+from chronomerge.report import pct
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
 from tasks.tracking import Tracker
@@ -120,24 +121,30 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
 def write_sweep_outputs(summary: dict, folder: Path) -> list[Path]:
     """summary.json, summary.csv, summary.md and plots/{curves,final_gm}.png under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = sorted(summary["results"], key=lambda r: -r["GM"])
+    rank = _rank_metric(summary)
+    rows = sorted(summary["results"], key=lambda r: -r[rank])
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["point", *METRICS, "deployed"])
     for r in rows:
-        w.writerow([r["point"], *(f"{r[m]:.6f}" for m in METRICS), r["deployed"]])
+        w.writerow([r["point"], *("" if r[m] is None else f"{r[m]:.6f}" for m in METRICS), r["deployed"]])
     atomic_write_bytes(folder / "summary.csv", buf.getvalue().encode())
     atomic_write_bytes(folder / "summary.json", json.dumps(summary, indent=1).encode())
     lines = [f"# sweep {summary['sweep']}: {summary['points']} runs in {summary['wall_seconds']:.0f} s", "",
              f"Train stages: {summary['train_stages']} requested, {summary['trainings_run']} run, "
              f"{summary['trainings_shared']} shared through the cache.", "",
              "| point | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    lines += [f"| {r['point']} | " + " | ".join(f"{100 * r[m]:.1f}" for m in METRICS) + " |" for r in rows]
+    lines += [f"| {r['point']} | " + " | ".join(pct(r[m]) for m in METRICS) + " |" for r in rows]
     if summary["failed"]:
         lines += ["", f"{len(summary['failed'])} point(s) failed:", ""]
         lines += [f"- {f['point']}: {f['error']}" for f in summary["failed"]]
     atomic_write_bytes(folder / "summary.md", ("\n".join(lines) + "\n").encode())
     return [folder / "summary.csv", folder / "summary.json", folder / "summary.md", *_plots(summary, folder)]
+
+
+def _rank_metric(summary: dict) -> str:
+    """GM ranks the points; without held-out sets (GM absent) A_KA does."""
+    return "GM" if all(r["GM"] is not None for r in summary["results"]) else "A_KA"
 
 
 def _plots(summary: dict, folder: Path) -> list[Path]:
@@ -152,7 +159,8 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
     for r in summary["results"]:
         steps = json.loads((Path(r["outputs"]) / "history.json").read_text())["steps"]
         for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
-            ax.plot([s["t"] for s in steps], [100 * s[m] for s in steps], label=r["point"], lw=1.2)
+            ax.plot([s["t"] for s in steps], [float("nan") if s[m] is None else 100 * s[m] for s in steps],
+                    label=r["point"], lw=1.2)
     for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
         ax.set_title(m)
         ax.set_xlabel("task t")
@@ -161,10 +169,11 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
     fig.tight_layout()
     curves = folder / "plots" / "curves.png"
     _save(fig, curves)
-    rows = sorted(summary["results"], key=lambda r: r["GM"])
+    rank = _rank_metric(summary)
+    rows = sorted(summary["results"], key=lambda r: r[rank])
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1.2))
-    ax.barh([r["point"] for r in rows], [100 * r["GM"] for r in rows])
-    ax.set_xlabel("final GM (%)")
+    ax.barh([r["point"] for r in rows], [100 * r[rank] for r in rows])
+    ax.set_xlabel(f"final {rank} (%)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     bars = folder / "plots" / "final_gm.png"

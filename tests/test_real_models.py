@@ -102,6 +102,8 @@ def test_a_bad_model_or_expert_is_one_clear_error_before_any_work(project, capsy
 
     for sets, needle in ((["model.name=ViT-B-99"], "model.name: unknown open_clip architecture 'ViT-B-99'"),
                          (["model.pretrained=weights/missing.safetensors"], "model.pretrained: weights/missing.safetensors: no such file"),
+                         (["model.name=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
+                          "model.pretrained: the weights of open_clip tag 'laion2b_s34b_b79k' for ViT-B-32 are not in the local"),
                          (["model.name=auto"], "model.name: 'auto' reads the architecture from model.pretrained"),
                          (["stream.kind=experts", "stream.length=1", "stream.experts=[{path: nowhere/expert}]"],
                           "stream.experts.0.path: nowhere/expert: no such file or folder"),
@@ -168,7 +170,11 @@ def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
         outputs.append(proc.stdout)
-    run_out = outputs[commands.index(next(c for c in commands if " run " in f"{c} "))]
+    run_line = next(c for c in commands if " run " in f"{c} ")
+    run_out = outputs[commands.index(run_line)]
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", *shlex.split(run_line)[1:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "15/15 stages cached" in rerun.stdout, rerun.stdout + rerun.stderr
     deployed = re.search(r"deployed: ([0-9a-f]{64})", run_out).group(1)
     assert re.search(r"A_ZS \d+\.\d+", run_out)  # a held-out set was given: A_ZS is measured
     store = CheckpointStore(tmp_path / "store")
@@ -179,10 +185,12 @@ def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert lineage.returncode == 0 and f"source={tmp_path / 'hf' / 'expert-a'}" in lineage.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (task_run,) = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
-                                     f"tags.`lineage.deployed` = '{deployed}' and tags.`chronomerge.t` = '3'")
-    assert task_run.data.tags["lineage.expert.source"] == str((tmp_path / "hf" / "expert-c").resolve())
-    assert task_run.data.tags["lineage.expert.format"] == "hf-clip-vision"
+    task_runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                                   f"tags.`lineage.deployed` = '{deployed}' and tags.`chronomerge.t` = '3'")
+    assert len(task_runs) == 2  # the run and its cached rerun
+    for r in task_runs:
+        assert r.data.tags["lineage.expert.source"] == str((tmp_path / "hf" / "expert-c").resolve())
+        assert r.data.tags["lineage.expert.format"] == "hf-clip-vision"
     ours, cli = store.load(deployed), read_checkpoint(tmp_path / "merged.safetensors")
     assert cli.name and cli.config  # the merge records its architecture
     assert sorted(ours) == sorted(cli.state)
