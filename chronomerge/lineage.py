@@ -24,8 +24,10 @@ def describe(meta: dict[str, Any]) -> str:
     for k in ("role", "task", "t", "model", "pretrained", "format", "source"):
         if extra.get(k) is not None:
             parts.append(f"{k}={extra[k]}")
-    if meta.get("data_digest"):  # an imported expert's: the digest of its source files
-        parts.append(f"{'source_digest' if extra.get('source') else 'data'}={meta['data_digest'][:16]}")
+    if extra.get("source_digest"):  # an imported expert: the SHA-256 of its files
+        parts.append(f"source_digest={extra['source_digest'][:16]}")
+    if meta.get("data_digest"):
+        parts.append(f"data={meta['data_digest'][:16]}")
     parts.append(f"code={meta.get('code_version')}")
     return "  ".join(str(p) for p in parts)
 

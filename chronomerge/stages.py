@@ -18,10 +18,11 @@ import torch
 
 from chronomerge.arrivals import digest_arrived
 from chronomerge.benchmark import ensure_base, load_model
-from chronomerge.checkpoints import as_expert, read_checkpoint
+from chronomerge.checkpoints import read_checkpoint
 from chronomerge.data import catalog, load_split, prepare
 from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, user_stream
 from chronomerge.evaluate import score, summarize
+from chronomerge.experts import import_expert
 from chronomerge.models import base_weights, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from chronomerge.align import PROJECTION, align_projection
@@ -144,12 +145,12 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
               data_digest: str, previous_tasks: Sequence[Mapping[str, Any]], base: str) -> dict:
     """Stage 2, train θ^S_t from θ^I_t on task t; writes the expert and its AdamW second moments.
 
-    A task whose expert was trained elsewhere imports it instead (`run_import`)."""
+    A task whose expert was trained elsewhere imports it instead (`chronomerge.experts`)."""
     t0 = time.perf_counter()
     store = ws.open_store()
     t = task_from_dict(task)
     if t.expert:
-        return run_import(ws, t, base, data_digest) | {"seconds": time.perf_counter() - t0}
+        return import_expert(store, t, base, data_digest) | {"seconds": time.perf_counter() - t0}
     tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
     model = load_model(store, init, arch)
     tok = get_tokenizer(arch)
@@ -165,21 +166,6 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
     return {"expert": expert, "fisher": fisher, "seconds": time.perf_counter() - t0,
             "loop_seconds": result.seconds, "loss": result.losses[-1],
             "images_per_second": result.images_per_second}
-
-
-def run_import(ws: Workspace, task: Task, base: str, source_digest: str) -> dict:
-    """θ^S_t is an expert trained elsewhere: read it (any format `chronomerge.checkpoints` reads),
-    check it against θ0's architecture, fill a vision-only expert's text tower from θ0, and store
-    it with its source (path, digest, format) in its lineage. It has no AdamW moments (no Fisher:
-    CMM's Fisher merge then uses F = 1)."""
-    store = ws.open_store()
-    ck = read_checkpoint(task.expert)
-    state = as_expert(ck, store.get(base))
-    expert = store.put({k: state[k] for k in state}, kind="expert", parents=[base], technique="import",
-                       data_digest=source_digest, extra={"task": task.name, "t": task.index + 1, "format": ck.format,
-                                                         "source": str(Path(task.expert).resolve()),
-                                                         "source_digest": source_digest})
-    return {"expert": expert, "fisher": None, "loop_seconds": 0.0, "loss": None, "images_per_second": None}
 
 
 def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str) -> dict:

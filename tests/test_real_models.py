@@ -181,6 +181,7 @@ def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
     meta = store.meta(store.meta(deployed)["parents"][1])  # deployed ← (state, expert, base)
     assert meta["technique"] == "import" and meta["extra"]["format"] == "hf-clip-vision"
     assert meta["extra"]["source"] == str((tmp_path / "hf" / "expert-c").resolve())
+    assert meta["extra"]["source_digest"] == read_checkpoint(tmp_path / "hf" / "expert-c").digest()
     lineage = subprocess.run([sys.executable, "-m", "flows.cli", "lineage", deployed, "--params", params_name],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert lineage.returncode == 0 and f"source={tmp_path / 'hf' / 'expert-a'}" in lineage.stdout
