@@ -19,7 +19,6 @@ is skipped with the reason. Both are reported on every update, never silently pa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ import yaml
 from chronomerge.checkpoints import is_checkpoint, read_checkpoint
 from chronomerge.data.adapters import MANIFEST_SUFFIXES, NAME, add_dataset, source_kind
 from chronomerge.data.generate import dataset_digest, load_split
-from chronomerge.store import atomic_write_bytes
+from chronomerge.store import atomic_write_bytes, tree_digest
 
 ARRIVALS = Path(".chronomerge") / "arrivals.json"
 EXPERTS = ".experts"  # under the data root: imported experts, one folder or file each
@@ -51,16 +50,6 @@ def _check(folder: Path) -> None:
             raise ValueError(f"the {split} split is empty")
 
 
-def tree_digest(path: Path) -> str:
-    """SHA-256 over every file below `path` (relative names and bytes), or of the file itself."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(path) if p != path else p.name).encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def classify(entry: Path) -> tuple[str | None, str]:
     """(kind, reason): kind 'dataset' | 'folder' | 'manifest' | 'expert', or None with why not."""
     if entry.name.startswith("."):
@@ -69,8 +58,8 @@ def classify(entry: Path) -> tuple[str | None, str]:
         return "dataset", ""
     if is_checkpoint(entry):
         return "expert", ""
-    if source_kind(entry):
-        return source_kind(entry), ""
+    if kind := source_kind(entry):
+        return kind, ""
     if entry.is_dir() and any(p.suffix == ".safetensors" for p in entry.iterdir()):
         return None, "dataset files without meta.json (still arriving?)"
     return None, ("not a dataset (meta.json), an image folder (class sub-folders of images), a manifest "

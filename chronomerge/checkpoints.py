@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 
 from chronomerge.statedict import LazyStateDict, dtype_of, read_header, shape_of
+from chronomerge.store import tree_digest
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_ACTIVATIONS = {"quick_gelu": True, "gelu": False}  # HF hidden_act → open_clip quick_gelu
-HEADER_KEYS = ("open_clip.model", "open_clip.config", "open_clip.preprocess")
 
 
 class CheckpointError(ValueError):
@@ -74,15 +74,7 @@ class Checkpoint:
 
     def digest(self) -> str:
         """SHA-256 over the checkpoint's files (names and bytes): the source in lineage records."""
-        h = hashlib.sha256()
-        files = [self.path] if self.path.is_file() else sorted(
-            p for p in self.path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
-        for p in files:
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()
+        return tree_digest(self.path, (".json", ".safetensors"))
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

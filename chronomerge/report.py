@@ -185,8 +185,9 @@ def markdown(history: Mapping[str, Any]) -> str:
 
 def scores_line(d: Mapping[str, Any], keys: Sequence[str] = CURVES, digits: int = 1) -> str:
     """`A_KA 25.7  A_ZS –  …`: scores in %, '–' where absent."""
-    return "  ".join(f"{k} {'–' if d.get(k) is None else f'{100 * d[k]:.{digits}f}'}" for k in keys)
+    return "  ".join(f"{k} {pct(d.get(k), digits)}" for k in keys)
 
 
-def pct(x: float | None) -> str:
-    return "–" if x is None else "nan" if math.isnan(x) else f"{100 * x:.1f}"
+def pct(x: float | None, digits: int = 1) -> str:
+    """A score in %, '–' when absent."""
+    return "–" if x is None else "nan" if math.isnan(x) else f"{100 * x:.{digits}f}"

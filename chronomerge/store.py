@@ -99,6 +99,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def tree_digest(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> str:
+    """SHA-256 over the files below `path` (or of the file itself): each file's relative name and the
+    SHA-256 of its bytes, read in blocks. Hidden files are left out; `suffixes` keeps only those."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+        and (suffixes is None or p.suffix in suffixes))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(path) if p != path else p.name).encode())
+        inner = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                inner.update(block)
+        h.update(inner.digest())
+    return h.hexdigest()
+
+
 def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                 metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file so that `path` holds either the whole file or nothing."""

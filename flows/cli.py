@@ -38,14 +38,13 @@ def _config(args):
 
 
 def _checked(args):
-    """The validated config, with everything beyond the schema checked too (architecture, evaluation
-    sets, experts' files): for commands that do work, a bad field fails here, before Prefect,
-    MLflow or any stage starts. Audits (lineage, diff, report) need only `_config`."""
+    """(config, architecture, evaluation sets), with everything beyond the schema checked too
+    (architecture, evaluation sets, experts' files): for commands that do work, a bad field fails
+    here, before Prefect, MLflow or any stage starts. Audits (lineage, diff, report) need only `_config`."""
     from flows.stream import check
 
     cfg = _config(args)
-    check(cfg)
-    return cfg
+    return (cfg, *check(cfg))
 
 
 def _boot_prefect_server():
@@ -65,7 +64,7 @@ def _boot_prefect_server():
 
 
 def cmd_run(args, cfg=None) -> int:
-    cfg = cfg or _checked(args)
+    cfg = cfg or _checked(args)[0]
     boot = _boot_prefect_server()
     from flows.stream import stream_flow
 
@@ -109,10 +108,7 @@ def cmd_status(args) -> int:
     from chronomerge.checkpoints import read_checkpoint
     from flows.stream import STAGES, stream_key, walk, workspace
 
-    from flows.stream import check
-
-    cfg = load_config(args.params, args.set)
-    arch, sets = check(cfg)
+    cfg, arch, sets = _checked(args)
     ws = workspace(cfg, Path("."))
     manifest = Path(ws.data) / "manifest.json"
     print(f"stream {stream_key(cfg)[:16]}: {cfg.stream.kind} × {cfg.stream.length}, "
@@ -249,7 +245,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_update(args) -> int:
-    cfg = _checked(args)  # a bad params file fails before Prefect starts
+    cfg = _checked(args)[0]  # a bad params file fails before Prefect starts
     boot = _boot_prefect_server()
     from flows.update import update_flow
 
@@ -302,7 +298,7 @@ def _prefect_server_for_schedules() -> subprocess.Popen | None:
 
 
 def cmd_serve(args) -> int:
-    cfg = _checked(args)
+    cfg = _checked(args)[0]
     server = _prefect_server_for_schedules()
     from prefect.deployments.runner import EntrypointType
 
@@ -343,7 +339,7 @@ def cmd_arrive(args) -> int:
 def cmd_data_add(args) -> int:
     from chronomerge.data.adapters import add_dataset
 
-    cfg = load_config(args.params, args.set)
+    cfg = _config(args)
     meta = add_dataset(args.path, cfg.data.root, args.name, templates=args.templates,
                        test_fraction=args.test_fraction, size=args.image_size, seed=cfg.data.seed)
     n = {k: v["n"] for k, v in meta["splits"].items()}
@@ -358,14 +354,11 @@ def cmd_data_add(args) -> int:
 def cmd_export(args) -> int:
     from chronomerge.export import export_open_clip
 
-    cfg = _config(args)
+    cfg, arch, _ = _checked(args)
     store = CheckpointStore(cfg.paths.store)
     oid = store.ref(args.checkpoint) if args.checkpoint == "latest" else args.checkpoint
     if oid is None:
         raise ValueError("export: nothing promoted yet (the store has no 'latest' ref)")
-    from flows.stream import check
-
-    arch, _ = check(cfg)
     path = export_open_clip(store, oid, args.path, arch)
     print(f"exported {oid} to {path}: open_clip.create_model({arch['name']!r}, pretrained={str(path)!r})")
     return 0
@@ -427,10 +420,9 @@ def _reproduce(args) -> int:
 
 def cmd_prepare(args) -> int:
     from chronomerge.stages import Workspace
-    from flows.stream import check, prepare_inputs
+    from flows.stream import prepare_inputs
 
-    cfg = load_config(args.params, args.set)
-    _, sets = check(cfg)
+    cfg, _, sets = _checked(args)
     digests = prepare_inputs(cfg, Workspace(cfg.paths.store, cfg.data.root), sets)
     print(f"{sum(not n.startswith('expert:') for n in digests)} datasets ready under {cfg.data.root}")
     return 0
@@ -438,10 +430,8 @@ def cmd_prepare(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from chronomerge.stages import Workspace, resolve_device, run_base
-    from flows.stream import check
 
-    cfg = load_config(args.params, args.set)
-    arch, _ = check(cfg)
+    cfg, arch, _ = _checked(args)
     c = cfg.to_dict()
     out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), sys.stderr.isatty()),
                    arch, c["model"], c["pretrain"], c["data"])
@@ -456,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP, orchestrated.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def pipeline(name: str, fn, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
+    def pipeline(name: str, fn, help: str, parent=sub) -> argparse.ArgumentParser:
+        c = parent.add_parser(name, help=help)
         c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. train.lr=1e-3 (repeatable)")
@@ -483,15 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     ar.add_argument("dataset", help="an adaptation dataset of the embedded benchmark, e.g. letters-photo")
     data = sub.add_parser("data", help="your own datasets: chronomerge data add PATH --name NAME")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    da = dsub.add_parser("add", help="turn an image folder (a sub-folder per class) or a CSV/JSONL manifest into a task dataset")
+    da = pipeline("add", cmd_data_add, "turn an image folder (a sub-folder per class) or a CSV/JSONL manifest into a "
+                  "task dataset (under data.root)", parent=dsub)
     da.add_argument("path", help="image folder, or manifest .csv/.jsonl with columns path,label[,caption]")
     da.add_argument("--name", required=True, help="dataset name (under data.root)")
     da.add_argument("--templates", nargs="+", metavar="TEMPLATE", help='zero-shot prompts with {c}, e.g. "a photo of a {c}."')
     da.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held for testing (1: evaluation only)")
     da.add_argument("--image-size", type=int, help="store images at this square size (default: native, or 224 when sizes differ)")
-    da.add_argument("--params", default="params.yaml", help="params file (data.root, data.seed)")
-    da.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    da.set_defaults(fn=cmd_data_add)
     ex = pipeline("export", cmd_export, "write a stored checkpoint as a plain open_clip checkpoint")
     ex.add_argument("checkpoint", help="checkpoint id, or 'latest' for the promoted model")
     ex.add_argument("path", help="output file, ending in .safetensors")

@@ -7,14 +7,14 @@
   dealt into T tasks; each task trains on the images of its classes and is tested on theirs.
   Retrieval datasets are dealt whole into the first tasks' evaluation only.
 
-Users' own streams (`dataset_stream`, `expert_stream`) are lists of named datasets (`chronomerge
-data add`), one whole dataset per task, or of experts trained elsewhere, each with an optional
-dataset to evaluate it on.
+Users' own streams (`user_stream`) list, task by task, a named dataset (`chronomerge data add`;
+the task trains on all of it) or an expert trained elsewhere with an optional dataset to evaluate it on.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -70,8 +70,6 @@ def user_stream(entries: list) -> list[Task]:
     """A user's stream (kinds custom, experts, arrivals): entry t is a dataset name (task t trains on
     the whole dataset) or an expert `{"path": ..., "dataset": name or None}` (task t imports it and
     is evaluated on its dataset)."""
-    from pathlib import Path
-
     tasks = []
     for t, e in enumerate(entries):
         if isinstance(e, str):
