@@ -1,13 +1,23 @@
-"""Checks that the embedded benchmark measures what the papers measure (issue 3, section 2).
+"""Is the embedded benchmark in CLIP's regime? Measures the properties it must have, for one seed.
 
-    python bench/benchmark_properties.py --seed 0
+    python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams]
 
-Pretrains (or reuses) the base model, then prints one JSON line, in accuracy points (0-100):
-  chance            mean chance level of the held-out evaluation datasets
-  zs_a_zs           the base model's zero-shot A_ZS on them      (required: >= 2 x chance)
-  zs_a_ka           its A_KA on the adaptation datasets          (expected: low)
-  expert_gain_min   min over tasks of (expert on task t - base) on task t   (required: >= 20)
-  seq_bwt           BWT of sequential fine-tuning over the stream           (required: <= -5)
+The seed fixes the data, the base model's pretraining and the task order's training noise. Prints
+one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lines file:
+
+  chance, zs_a_zs, zs_a_ka  zero-shot base on the held-out / adaptation sets   (A_ZS >= 2 x chance)
+  gain_min, gain_mean       experts trained from θ0 (default recipe): own-task score - base's
+                                                                  (min >= 15, mean >= 25)
+  a_zs_drop_mean            base A_ZS - one expert's A_ZS, mean over the tasks       (<= 10)
+  keep_avg_clip             averaging the first 8 whole-CLIP experts: the merged model's gain over
+                            zero-shot on their tasks / their mean gain               (>= 35%)
+  keep_avg_vision           the same for vision-only experts (frozen zero-shot text head)
+  keep_ta_clip              (reported) task arithmetic, λ = 0.3, of the same 8 whole-CLIP experts
+  seq_bwt                   BWT of plain sequential fine-tuning over the stream       (<= -5)
+  gm_zs, gm_best_in_time, gm_offline, gm_replay
+                            GM at T = 20 of the pipeline's default stream (Best-in-TIME), offline
+                            merging (init zs, deploy all) and continual fine-tuning with replay
+                                                                  (each >= zero-shot + 5)
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import copy
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +34,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chronomerge.benchmark import PRETRAIN, ensure_base, load_model  # noqa: E402
+from chronomerge.config import apply_overrides, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
-from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
+from chronomerge.evaluate import chance, evaluate, score, summarize, text_head  # noqa: E402
+from chronomerge.merge import merge  # noqa: E402
 from chronomerge.models import get_tokenizer  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import TrainConfig, train  # noqa: E402
+
+PARTS = ("zs", "experts", "merge", "seq", "streams")
+MERGED = 8  # mergeability is measured on the first 8 experts, like the papers' 8-task setting
 
 
 def main() -> None:
@@ -37,49 +53,126 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--store", default="store")
     p.add_argument("--tasks", type=int, default=20)
-    p.add_argument("--stream", default="dataset-incremental")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN.steps)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train.* override of the default recipe, as `chronomerge run --set`")
+    p.add_argument("--out", help="append the JSON line to this file")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; expected a subset of {list(PARTS)}")
+    raw = validate(apply_overrides(validate({}).to_dict(), args.set)).to_dict()
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    base_id = ensure_base(store, args.data, args.seed,
-                          cfg=dataclasses.replace(PRETRAIN, steps=args.pretrain_steps, progress=args.verbose))
+    base_id = ensure_base(store, args.data, args.seed, cfg=dataclasses.replace(PRETRAIN, progress=args.verbose))
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
     base = load_model(store, base_id)
     tok = get_tokenizer()
     held_out = {d.name: load_split(args.data, d.name, "test") for d in catalog.EVALUATION}
-    adaptation = {d.name: load_split(args.data, d.name, "test") for d in catalog.ADAPTATION}
-    zs = summarize(evaluate(base, tok, {**held_out, **adaptation}, "cpu"), list(adaptation), list(held_out))
-    log(f"zero-shot: {zs}")
-    tasks = build_stream(args.stream, args.tasks, args.seed)
+    tasks = build_stream("dataset-incremental", args.tasks, args.seed)
     train_sets = [task_split(args.data, t, "train") for t in tasks]
     test_sets = [task_split(args.data, t, "test") for t in tasks]
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    gains = []
-    for t, (tr, te) in enumerate(zip(train_sets, test_sets)):
-        expert = copy.deepcopy(base)
-        train(expert, tr, cfg, tokenizer=tok)
-        gains.append(score(expert, tok, te, "cpu") - score(base, tok, te, "cpu"))
-        log(f"expert {tasks[t].name}: gain {100 * gains[-1]:.1f}")
-    seq = copy.deepcopy(base)
-    diag = []
-    for t, (tr, te) in enumerate(zip(train_sets, test_sets)):
-        train(seq, tr, cfg, tokenizer=tok)
-        diag.append(score(seq, tok, te, "cpu"))
-    final = [score(seq, tok, te, "cpu") for te in test_sets]
-    bwt = sum(final[i] - diag[i] for i in range(len(tasks) - 1)) / max(1, len(tasks) - 1)  # BWT: R[T,i] - R[i,i]
-    out = {"seed": args.seed, "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"],
-           "zs_a_ka": 100 * zs["A_KA"], "expert_gain_min": 100 * min(gains), "expert_gain_mean": 100 * sum(gains) / len(gains),
-           "seq_bwt": 100 * bwt, "tasks": len(tasks), "seconds": time.perf_counter() - t0}
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}))
+    adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
+    zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
+    zs = summarize(zs_scores, list(adaptation), list(held_out))
+    out = {"seed": args.seed, "base": base_id[:12], "recipe": {k: v for k, v in raw["train"].items()},
+           "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
+    log(f"zero-shot: {zs}")
+    cfg = TrainConfig(**{k: v for k, v in raw["train"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg = dataclasses.replace(cfg, seed=args.seed)
+
+    def expert(t: int, mode: str) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(base)
+        train(m, train_sets[t], dataclasses.replace(cfg, mode=mode), tokenizer=tok)
+        return m
+
+    def own_scores(model, n: int) -> list[float]:
+        return [score(model, tok, test_sets[t], "cpu") for t in range(n)]
+
+    def a_zs(model) -> float:
+        return summarize(evaluate(model, tok, held_out, "cpu"), [], list(held_out))["A_ZS"]
+
+    zs_own = [zs_scores[t.name] for t in tasks]
+    if "experts" in parts or "merge" in parts:
+        n = len(tasks) if "experts" in parts else min(MERGED, len(tasks))
+        gains, drops, clip_states = [], [], []
+        for t in range(n):
+            m = expert(t, "clip")
+            gains.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+            if "experts" in parts:
+                drops.append(zs["A_ZS"] - a_zs(m))
+            if t < MERGED:
+                clip_states.append({k: v.clone() for k, v in m.state_dict().items()})
+            log(f"expert {tasks[t].name}: gain {100 * gains[-1]:.1f}" + (f", A_ZS drop {100 * drops[-1]:.1f}" if drops else ""))
+        if "experts" in parts:
+            out.update(gain_min=100 * min(gains), gain_mean=100 * sum(gains) / n, a_zs_drop_mean=100 * sum(drops) / n,
+                       gains=[round(100 * g, 1) for g in gains])
+        if "merge" in parts:
+            k = len(clip_states)
+            theta0 = base.state_dict()
+            out["keep_avg_clip"] = _keep(base, merge("average", theta0, clip_states), own_scores, zs_own, gains[:k], k)
+            out["keep_ta_clip"] = _keep(base, merge("task_arithmetic", theta0, clip_states, scale=0.3),
+                                        own_scores, zs_own, gains[:k], k)
+            vision_states, vgains = [], []
+            for t in range(k):
+                m = copy.deepcopy(base)
+                head = text_head(base, tok, train_sets[t].classes, train_sets[t].templates, "cpu")
+                train(m, train_sets[t], dataclasses.replace(cfg, mode="vision"), tokenizer=tok, head=head)
+                vgains.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+                vision_states.append({kk: v.clone() for kk, v in m.state_dict().items()})
+            out["vision_gain_mean"] = 100 * sum(vgains) / k
+            out["keep_avg_vision"] = _keep(base, merge("average", theta0, vision_states), own_scores, zs_own, vgains, k)
+            log(f"mergeability: {({key: out[key] for key in out if key.startswith(('keep', 'vision'))})}")
+    if "seq" in parts:
+        seq = copy.deepcopy(base)
+        diag = []
+        for t in range(len(tasks)):
+            train(seq, train_sets[t], cfg, tokenizer=tok)
+            diag.append(score(seq, tok, test_sets[t], "cpu"))
+        final = own_scores(seq, len(tasks))
+        out["seq_bwt"] = 100 * sum(final[i] - diag[i] for i in range(len(tasks) - 1)) / max(1, len(tasks) - 1)
+    if "streams" in parts:
+        out["gm_zs"] = 100 * zs["GM"]
+        out.update(_streams(args, raw, log))
+    out["seconds"] = time.perf_counter() - t0
+    line = json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()})
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float:
+    """Percentage of the experts' mean gain over zero-shot that the merged model keeps on their tasks."""
+    m = copy.deepcopy(base)
+    m.load_state_dict(merged)
+    merged_gain = sum(s - z for s, z in zip(own_scores(m, k), zs_own[:k])) / k
+    return 100 * merged_gain / (sum(gains) / k)
+
+
+def _streams(args, raw: dict, log) -> dict[str, float]:
+    """GM at the end of the default stream for Best-in-TIME, offline merging and replay, through the
+    pipeline itself (Prefect flow, cached stages; tracking off), in a scratch project."""
+    from flows.stream import stream_flow
+
+    points = {"gm_best_in_time": [], "gm_offline": ["strategy.init.mode=zs", "strategy.deploy.mode=all"],
+              "gm_replay": ["strategy.init.mode=ft", "strategy.deploy.mode=ft", "train.replay_pretrain=0.25",
+                            "train.replay_previous=0.25"]}
+    out = {}
+    with tempfile.TemporaryDirectory() as project:
+        for key, sets in points.items():
+            cfg = apply_overrides(raw, [f"data.seed={args.seed}", f"train.seed={args.seed}",
+                                        f"stream.length={args.tasks}", "tracking.enabled=false",
+                                        f"data.root={Path(args.data).resolve()}",
+                                        f"paths.store={Path(args.store).resolve()}", *sets])
+            result = stream_flow(cfg, project=project, quiet=True)
+            out[key] = 100 * result["final"]["GM"]
+            log(f"{key}: {out[key]:.1f}")
+    return out
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

@@ -13,7 +13,7 @@ def test_the_repository_params_file_states_exactly_the_defaults():
 @pytest.mark.parametrize("raw,needle", [
     ({"strategy": {"deploy": {"mode": "latest"}}}, "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'"),
     ({"strategy": {"deploy": {"mode": "continual", "merger": "opcm", "hparams": {"keep": 0.2}}}},
-     "strategy.deploy: opcm: unknown hyperparameter(s) ['keep']; allowed: ['alpha', 'scaling', 'zero_diagonal']"),
+     "strategy.deploy: opcm: unknown hyperparameter(s) ['keep']; allowed: ['alpha', 'matrices', 'norm', 'projection', 'rank_rule', 'scaling', 'zero_diagonal']"),
     ({"strategy": {"deploy": {"merger": "ewc"}}}, "strategy.deploy.merger: 'ewc' is not allowed; expected one of ['continual_average'"),
     ({"strategy": {"deploy": {"mode": "all", "align": "l1"}}}, "align needs a merged model to carry forward"),
     ({"strategy": {"init": {"mode": "best"}}}, "strategy.init.mode: 'best' is not allowed; expected one of 'zs', 'ft', 'ema' or 'all'"),

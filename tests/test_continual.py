@@ -16,7 +16,7 @@ from chronomerge.merge import (
     merge,
     save_merger,
 )
-from chronomerge.merge.opcm import is_projected, project, split_rank
+from chronomerge.merge.opcm import PAPER, _project_tensor, is_projected, project, split_rank
 from chronomerge.store import CheckpointStore
 from conftest import perturb
 
@@ -28,15 +28,34 @@ def matrices(seed, t, shape=(12, 8), scale=1.0):
     return base, experts
 
 
+@pytest.mark.parametrize("projection,rank_rule", [("eq5", "eq5"), ("block", "released")])
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12), (10, 10)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.9])
-def test_theorem_5_1_projection_is_orthogonal_to_the_merged_task_vector(shape, alpha):
+def test_theorem_5_1_projection_is_orthogonal_to_the_merged_task_vector(shape, alpha, projection, rank_rule):
     g = torch.Generator().manual_seed(1)
     merged = torch.randn(shape, generator=g, dtype=torch.float64)
     delta = torch.randn(shape, generator=g, dtype=torch.float64)
-    p = project(delta, merged, alpha, zero_diagonal=True)
+    p = project(delta, merged, alpha, True, projection, rank_rule)
     assert abs(float((p * merged).sum())) < 1e-10 * float(delta.norm() * merged.norm())
     assert float(p.norm()) <= float(delta.norm()) + 1e-12  # an orthogonal projection
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (5, 9)])
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8])
+def test_block_projection_equals_the_released_codes_full_matrix_form(shape, alpha):
+    """The released code: full SVD, Y = Uᵀ·ΔW·V, zero diag(Y) and Y[:r, :r] with r = argmax(cumsum/Σ > α)."""
+    g = torch.Generator().manual_seed(11)
+    merged = torch.randn(shape, generator=g, dtype=torch.float64)
+    delta = torch.randn(shape, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    r = int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+    y = u.T @ delta @ vh.T
+    y.diagonal().fill_(0)
+    y[:r, :r] = 0
+    expected = u @ y @ vh
+    assert torch.allclose(project(delta, merged, alpha, True, "block", "released"), expected, atol=1e-10)
+    # the cross terms are what the paper's Eq. 5 drops and the released code keeps (none when r = 0)
+    assert torch.allclose(project(delta, merged, alpha, True, "eq5", "released"), expected, atol=1e-6) == (r == 0)
 
 
 def test_reduced_svd_projection_equals_the_full_matrix_sum():
@@ -62,15 +81,36 @@ def test_without_zero_diagonal_the_projection_keeps_the_diagonal_terms():
 
 
 def test_split_rank_is_the_smallest_rank_reaching_alpha():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # cumulative shares 0.4, 0.7, 0.9, 1.0
+    assert [split_rank(s, a, "eq5") for a in (0.0, 0.4, 0.41, 0.7, 1.0)] == [0, 1, 2, 2, 4]
+
+
+def test_released_split_rank_counts_the_shares_not_above_alpha():
     s = torch.tensor([4.0, 3.0, 2.0, 1.0])
-    assert [split_rank(s, a) for a in (0.0, 0.4, 0.41, 0.7, 1.0)] == [0, 1, 2, 2, 4]
+    assert [split_rank(s, a, "released") for a in (0.0, 0.39, 0.4, 0.41, 0.7, 0.95, 1.0)] == [0, 0, 1, 1, 2, 3, 0]
 
 
-def test_opcm_projects_fused_attention_and_not_embeddings(tiny_base):
-    projected = [k for k, v in tiny_base.items() if is_projected(k, tuple(v.shape))]
-    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in projected
-    assert "visual.transformer.resblocks.1.mlp.c_proj.weight" in projected and "visual.proj" in projected
-    assert not any("embedding" in k for k in projected)
+def test_opcm_projected_matrices_under_both_conventions(tiny_base):
+    shape = {k: tuple(v.shape) for k, v in tiny_base.items()}
+    every = [k for k in tiny_base if is_projected(k, shape[k], "all")]
+    linear = [k for k in tiny_base if is_projected(k, shape[k], "linear")]
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in every and "visual.proj" in every
+    assert not any("embedding" in k for k in every) and set(linear) < set(every)
+    assert "visual.transformer.resblocks.1.mlp.c_proj.weight" in linear
+    assert "visual.transformer.resblocks.0.attn.out_proj.weight" in linear
+    assert "visual.proj" not in linear and "text_projection" not in linear and "visual.conv1.weight" not in linear
+
+
+def test_linear_convention_projects_q_k_v_as_separate_matrices(tiny_base):
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    g = torch.Generator().manual_seed(12)
+    tau, prev = (torch.randn(tiny_base[key].shape, generator=g) for _ in range(2))
+    hp = {**OPCM(tiny_base).hp}
+    out = _project_tensor(key, tau, prev, hp)
+    for i, (t, p) in enumerate(zip(tau.chunk(3), prev.chunk(3))):
+        assert torch.allclose(out.chunk(3)[i], project(t, p, 0.5, True, "block", "released"), atol=1e-5)
+    fused = _project_tensor(key, tau, prev, {**hp, "matrices": "all"})
+    assert not torch.allclose(out, fused, atol=1e-3)
 
 
 def opcm_run(base, experts, **hp):
@@ -82,17 +122,19 @@ def opcm_run(base, experts, **hp):
         proj = {}
         for k in base:
             tau = e[k].float() - base[k].float()
-            proj[k] = tau if prev is None or not is_projected(k, tuple(tau.shape)) else project(
-                tau, prev[k], hp.get("alpha", 0.5), hp.get("zero_diagonal", True))
+            proj[k] = tau if prev is None else _project_tensor(k, tau, prev[k], m.hp)
         projections.append(proj)
         outs.append(m.update(e))
         lams.append(m.lam)
     return m, projections, lams, outs
 
 
-def test_opcm_general_term_eq_7_after_several_steps():
+@pytest.mark.parametrize("convention", [{}, PAPER])
+def test_opcm_general_term_eq_7_after_several_steps(convention):
     base, experts = matrices(4, 6)
-    m, projections, lams, outs = opcm_run(base, experts)
+    m, projections, lams, outs = opcm_run(base, experts, **{**convention, "matrices": "all"})
+    assert any(not torch.equal(p["layer.weight"], e["layer.weight"] - base["layer.weight"])
+               for p, e in zip(projections[1:], experts[1:]))  # something was projected
     for t in range(1, 7):
         for k in base:
             expected = base[k] + sum(p[k] for p in projections[:t]) / lams[t - 1]
@@ -100,9 +142,23 @@ def test_opcm_general_term_eq_7_after_several_steps():
     assert lams[0] == 1.0 and all(lam > 0 for lam in lams)
 
 
+def test_released_normaliser_is_the_mean_of_raw_task_vector_norms():
+    base, experts = matrices(13, 4)
+    m = OPCM(base, device="cpu", matrices="all")
+    raw = []
+    for e in experts:
+        m.update(e)
+        raw.append(math.sqrt(sum(float((e[k] - base[k]).pow(2).sum()) for k in base)))
+        assert m.nbar == pytest.approx(sum(raw) / len(raw), rel=1e-6)
+    paper = OPCM(base, device="cpu", **PAPER)
+    for e in experts:
+        paper.update(e)
+    assert paper.nbar < m.nbar  # projected norms are smaller than the raw ones
+
+
 def test_opcm_first_step_returns_the_first_expert_and_adaptive_lambda_follows_eq_6():
     base, experts = matrices(5, 3)
-    m = OPCM(base, device="cpu")
+    m = OPCM(base, device="cpu", **PAPER)
     out1 = m.update(experts[0])
     assert all(torch.allclose(out1[k], experts[0][k], atol=1e-6) for k in base)
     tau1 = math.sqrt(sum(float((experts[0][k] - base[k]).pow(2).sum()) for k in base))
@@ -117,11 +173,12 @@ def test_opcm_first_step_returns_the_first_expert_and_adaptive_lambda_follows_eq
     assert m.nbar == pytest.approx(nbar, rel=1e-5) and m.lam == pytest.approx(lam, rel=1e-5)
 
 
-def test_theorem_5_2_norm_bound_with_sqrt_t_scaling():
+@pytest.mark.parametrize("convention", [{"matrices": "all"}, PAPER])
+def test_theorem_5_2_norm_bound_with_sqrt_t_scaling(convention):
     base, experts = matrices(6, 8, shape=(16, 16))
     base = {"layer.weight": base["layer.weight"]}
     experts = [{"layer.weight": e["layer.weight"]} for e in experts]
-    m = OPCM(base, device="cpu", scaling="sqrt")
+    m = OPCM(base, device="cpu", scaling="sqrt", **convention)
     bound = 0.0
     for t, e in enumerate(experts, 1):
         out = m.update(e)
@@ -154,6 +211,37 @@ def test_continual_ties_merges_previous_and_new_with_ties():
     second = ct.update(experts[1])
     expected = merge("ties", base, [first, experts[1]], keep=0.5, scale=1.0)
     assert all(torch.equal(second[k], expected[k]) for k in base)
+
+
+def test_continual_ties_baseline_recurrence_counts_the_previous_merge_twice():
+    base, experts = matrices(14, 3)
+    ct = ContinualTIES(base, device="cpu", **ContinualTIES.BASELINE)
+    first = ct.update(experts[0])
+    assert all(torch.allclose(first[k], base[k] + 0.5 * (experts[0][k] - base[k]), atol=1e-6) for k in base)
+    second = ct.update(experts[1])
+    # TIES over the flat model: keep the top 20% of |τ| per model, elect signs, disjoint sum
+    keys = sorted(base)
+    flat = lambda sd: torch.cat([sd[k].flatten() for k in keys])  # noqa: E731
+    taus = torch.stack([flat(first) - flat(base), flat(experts[1]) - flat(base)])
+    kth = taus.abs().shape[1] - int(0.2 * taus.shape[1])
+    thr = taus.abs().kthvalue(kth, dim=1, keepdim=True).values
+    trimmed = torch.where(taus.abs() >= thr, taus, torch.zeros_like(taus))
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    ties = (trimmed * (torch.sign(trimmed) == sign)).sum(0)
+    expected = flat(first) + 0.5 * ties
+    assert torch.allclose(flat(second), expected, atol=1e-5)
+
+
+def test_ties_disjoint_sum_and_mean_differ_by_the_agreeing_count():
+    base, experts = matrices(15, 3)
+    mean = merge("ties", base, experts, keep=1.0)
+    total = merge("ties", base, experts, keep=1.0, aggregate="sum")
+    for k in base:
+        tau_m, tau_s = mean[k] - base[k], total[k] - base[k]
+        taus = torch.stack([e[k] - base[k] for e in experts])
+        sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(taus) == sign).sum(0).clamp(min=1)
+        assert torch.allclose(tau_s, tau_m * agree, atol=1e-5)
 
 
 def test_fisher_merge_accumulates_fisher():

@@ -102,16 +102,35 @@ class ContinualTaskArithmetic(ContinualMerger):
 
 
 class ContinualTIES(ContinualMerger):
-    """Continual TIES (OPCM paper baseline): θ^(1) = θ_1; θ^(t) = TIES(θ^(t−1), θ_t) over θ0."""
+    """Continual TIES, in one of two recurrences (`recurrence`):
+
+    * "merge" (default): θ^(1) = θ_1; θ^(t) = TIES(θ^(t−1), θ_t) over θ0, the previous merge and the
+      new expert as the two models of one TIES merge (keep 20%, disjoint mean, λ = 1).
+    * "baseline": the OPCM paper's continual-TIES baseline code, θ^(1) = θ0 + λ·τ_1 and
+      θ^(t) = θ^(t−1) + λ·TIES(θ^(t−1) − θ0, τ_t), so the previous merge counts twice. Its
+      configuration there: disjoint sum (`aggregate="sum"`), λ = 0.5, keep 20%, one threshold over
+      the whole model (`scope="model"`); set those hyperparameters to reproduce it.
+    """
 
     name = "continual_ties"
     PARAMS = {"keep": P.fraction(0.2, True, False), "scale": P.interval(1.0),
-              "scope": P.choice("tensor", "tensor", "model")}
+              "scope": P.choice("tensor", "tensor", "model"), "aggregate": P.choice("mean", "mean", "sum"),
+              "recurrence": P.choice("merge", "merge", "baseline")}
+    BASELINE = {"recurrence": "baseline", "aggregate": "sum", "scale": 0.5, "keep": 0.2, "scope": "model"}
+    """The OPCM paper's continual-TIES baseline configuration."""
 
     def _step(self, model, **extras):
+        hp = {k: v for k, v in self.hp.items() if k != "recurrence"}
+        if self.hp["recurrence"] == "merge":
+            if self.current is None:
+                return {k: model[k].clone() for k in model}
+            return self._merge("ties", [self.current, model], **hp)
+        lam = hp["scale"]
         if self.current is None:
-            return {k: model[k].clone() for k in model}
-        return self._merge("ties", [self.current, model], **self.hp)
+            return self._merge("task_arithmetic", [model], scale=lam)
+        ties = self._merge("ties", [self.current, model], **{**hp, "scale": 1.0})
+        return {k: (self.current[k] + lam * (ties[k] - self.base[k]) if self.base[k].dtype.is_floating_point
+                    else self.current[k]) for k in self.base}
 
 
 class FisherMerge(ContinualMerger):

@@ -59,6 +59,7 @@ def _prepare_lines(keys, base, models, hp, device) -> dict[str, dict]:
 
 KEEP = P.fraction(0.2, lo_open=True, hi_open=False)
 SCOPE = P.choice("tensor", "tensor", "model")
+AGGREGATE = P.choice("mean", "mean", "sum")  # TIES's disjoint mean, or the disjoint sum
 _DARE = {"drop": P.fraction(0.9, lo_open=False, hi_open=True), "seed": SEED}
 _CRUMBS = {"beta": P.fraction(0.85, False, True), "gamma": P.fraction(0.01, False, True)}
 scale = P.interval  # λ: any finite real number
@@ -69,16 +70,17 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
               "Spherical linear interpolation (Shoemake 1985) of task vectors", min_models=2, max_models=2),
     Technique("task_arithmetic", tq.task_vector_rule(None, elect=False), {"scale": scale(0.3)},
               "Task arithmetic (Ilharco et al. 2023): θ0 + λ Σ w_i τ_i", weighted=True),
-    Technique("ties", tq.task_vector_rule("top", elect=True), {"keep": KEEP, "scale": scale(1.0), "scope": SCOPE},
+    Technique("ties", tq.task_vector_rule("top", elect=True), {"keep": KEEP, "scale": scale(1.0), "scope": SCOPE,
+                                                                    "aggregate": AGGREGATE},
               "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean",
               prepare=_prepare_model_thresholds),
     Technique("dare", tq.task_vector_rule("dare", elect=False), {**_DARE, "scale": scale(0.3)},
               "DARE (Yu et al. 2024) + task arithmetic", weighted=True),
-    Technique("dare_ties", tq.task_vector_rule("dare", elect=True), {**_DARE, "scale": scale(1.0)},
+    Technique("dare_ties", tq.task_vector_rule("dare", elect=True), {**_DARE, "scale": scale(1.0), "aggregate": AGGREGATE},
               "DARE (Yu et al. 2024) + TIES sign election and disjoint mean"),
     Technique("breadcrumbs", tq.task_vector_rule("breadcrumbs", elect=False), {**_CRUMBS, "scale": scale(0.3)},
               "Model Breadcrumbs (Davari & Belilovsky 2024) + task arithmetic", weighted=True),
-    Technique("breadcrumbs_ties", tq.task_vector_rule("breadcrumbs", elect=True), {**_CRUMBS, "scale": scale(1.0)},
+    Technique("breadcrumbs_ties", tq.task_vector_rule("breadcrumbs", elect=True), {**_CRUMBS, "scale": scale(1.0), "aggregate": AGGREGATE},
               "Model Breadcrumbs masks + TIES sign election and disjoint mean"),
     Technique("magmax", tq.magmax, {"scale": scale(1.0)}, "MagMax (Marczak et al. 2024): max-magnitude selection"),
     Technique("model_stock", tq.model_stock, {}, "Model Stock (Jang et al. 2024)", min_models=2),
