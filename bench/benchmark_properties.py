@@ -67,7 +67,7 @@ def main() -> None:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    base_id = ensure_base(store, args.data, args.seed, cfg=dataclasses.replace(PRETRAIN, progress=args.verbose))
+    base_id = ensure_base(store, args.data, args.seed, cfg=PRETRAIN)
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
     base = load_model(store, base_id)
     tok = get_tokenizer()

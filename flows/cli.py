@@ -408,11 +408,14 @@ def _reproduce(args) -> int:
 
     if len(args.seeds) < 1:
         raise ValueError("--seeds needs at least one seed")
+    if args.opcm_lengths and min(args.opcm_lengths) < 2:
+        raise ValueError("--opcm-lengths: every length must be >= 2 (BWT needs two tasks)")
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     boot = _boot_prefect_server()
     if boot is not None:
         boot.join()
-    path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set)
+    path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set,
+                     opcm_lengths=tuple(args.opcm_lengths or ()))
     print(path.read_text())
     print(f"wrote {path}")
     return 0
@@ -488,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the papers' experiments over seeds and report whether their findings hold")
     rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     rp.add_argument("--workers", type=int, default=2)
+    rp.add_argument("--opcm-lengths", type=int, nargs="+", metavar="T",
+                    help="the OPCM setting's stream lengths (default: its Table 1's 8 14 20)")
     pipeline("prepare", cmd_prepare, "generate or check the datasets (DVC stage)")
     pipeline("pretrain", cmd_pretrain, "the base model θ0 (DVC stage)")
     core_cli.add_core_commands(sub)

@@ -1,43 +1,81 @@
 """`chronomerge report --reproduce`: do the papers' headline findings hold on the embedded benchmark?
 
-Five experiments, each a sweep over seeds (`stream.seed`: the task order; 0 is the catalog order),
-run through the cached pipeline (a rerun only reads the cache):
+Experiments, each a sweep over seeds (`stream.seed`: the task order; 0 is the catalog order), run
+through the cached pipeline (a rerun only reads the cache):
 
 * pairs       TIME init {zs, ft, ema, all} × deploy {ft, ema, all}, weighted averaging
 * offline     offline merging (init zs, deploy all) with recency weights, and replay
               (init ft, deploy ft, continual fine-tuning with pretraining-pool and earlier-task replay)
 * techniques  every merge technique under Best-in-TIME (init ema, deploy ema)
-* opcm        vision-only experts from θ0 merged by OPCM (both diagonal conventions), continual
-              task arithmetic, TIES and averaging
+* opcm-*      OPCM's own setting (its Table 1): vision-only experts from θ0 merged over the first
+              8, 14 and 20 tasks (`opcm_lengths`) by OPCM under the released code's conventions and
+              under the paper's Eq. 5, continual task arithmetic (λ = 0.3 for T ≤ 8, else 0.1, as the
+              paper), continual TIES in both recurrences (ours and the paper's baseline code) and
+              continual averaging; one run at the longest T per method, read at every T from its
+              accuracy matrix (every method here is prefix-consistent)
 * cmm         CMM's stages on and off: linearized vs plain fine-tuning, Fisher merge vs averaging,
               post-merge alignment vs none
+* bounds      zero-shot θ0, the individually fine-tuned experts (deploy ft from θ0: R[t][t]) and
+              multitask training (one model on all the tasks' data, T × the steps), for each setting
 
 Each finding is checked against the mean over seeds and reported with its spread (standard
 deviation) and the number of seeds on which it holds. A finding that does not hold is reported as
-such; the benchmark is not tuned to the answer.
+such; the benchmark is not tuned to the answer. Tables give every method's absolute accuracy and
+its normalised accuracy (mean over tasks of merged / individual expert on that task, FusionBench's
+convention) next to the bounds rows.
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from chronomerge.config import apply_overrides, validate
-from chronomerge.merge import TECHNIQUES
+from chronomerge.merge import TECHNIQUES, ContinualTIES
+from chronomerge.merge.opcm import PAPER
 from chronomerge.store import atomic_write_bytes
 from flows.sweep import sweep_flow
 
-# The CPU profile: a shorter stream and fewer steps than the default, so that 3 seeds of all five
-# experiments fit in well under an hour on 2 cores. `--set` overrides it.
+# The CPU profile: a shorter stream and fewer steps than the default, so that 3 seeds of every
+# experiment fit in an hour on 2 cores. `--set` overrides it.
 PROFILE = ["stream.length=6", "train.steps=60"]
+OPCM_LENGTHS = (8, 14, 20)
 ZS_VISION = {"strategy": {"init": {"mode": "zs"}, "deploy": {"mode": "continual"}}, "train": {"mode": "vision"}}
 TECHNIQUE_POINTS = sorted(set(TECHNIQUES) - {"fisher", "dare", "breadcrumbs"})
 
 
-def experiments(seeds: list[int]) -> list[dict[str, Any]]:
+def cta_scale(length: int) -> float:
+    """Continual task arithmetic's λ in the OPCM paper: 0.3 for 8 tasks, 0.1 for 14 and 20."""
+    return 0.3 if length <= 8 else 0.1
+
+
+def opcm_methods(lengths: tuple[int, ...]) -> dict[str, tuple[dict, int]]:
+    """OPCM setting: method label → (deploy overrides, stream length it runs at)."""
+    longest = max(lengths)
+    out = {"OPCM (released code)": ({"mode": "continual", "merger": "opcm"}, longest),
+           "OPCM (paper Eq. 5)": ({"mode": "continual", "merger": "opcm", "hparams": dict(PAPER)}, longest),
+           "continual TIES (merge)": ({"mode": "continual", "merger": "continual_ties"}, longest),
+           "continual TIES (paper baseline)": ({"mode": "continual", "merger": "continual_ties",
+                                                "hparams": dict(ContinualTIES.BASELINE)}, longest),
+           "continual averaging": ({"mode": "continual", "merger": "continual_average"}, longest),
+           "individual experts": ({"mode": "ft"}, longest)}
+    for scale in sorted({cta_scale(n) for n in lengths}):
+        n = max(x for x in lengths if cta_scale(x) == scale)
+        out[f"continual TA (λ {scale})"] = ({"mode": "continual", "merger": "continual_task_arithmetic",
+                                              "hparams": {"scale": scale}}, n)
+    return out
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def experiments(seeds: list[int], opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> list[dict[str, Any]]:
     s = {"stream.seed": seeds}
-    return [
+    vision = {"train": {"mode": "vision"}, "strategy": {"init": {"mode": "zs"}}}
+    exps = [
         {"name": "pairs", "base": {}, "grid": {"strategy.init.mode": ["zs", "ft", "ema", "all"],
                                                "strategy.deploy.mode": ["ft", "ema", "all"], **s}},
         {"name": "offline", "base": {"strategy": {"init": {"mode": "zs"}, "deploy": {"mode": "all"}}},
@@ -46,21 +84,28 @@ def experiments(seeds: list[int]) -> list[dict[str, Any]]:
                                     "train": {"replay_pretrain": 0.25, "replay_previous": 0.25}}, "grid": s},
         {"name": "techniques", "base": {}, "grid": {"strategy.init.technique": TECHNIQUE_POINTS, **s},
          "same": {"strategy.deploy.technique": "strategy.init.technique"}},
-        {"name": "opcm", "base": ZS_VISION, "grid": {"strategy.deploy.merger": [
-            "opcm", "continual_task_arithmetic", "continual_ties", "continual_average"], **s}},
-        {"name": "opcm-diagonal", "base": {**ZS_VISION, "strategy": {**ZS_VISION["strategy"], "deploy": {
-            "mode": "continual", "merger": "opcm", "hparams": {"zero_diagonal": False}}}}, "grid": s},
+        {"name": "multitask", "base": {"stream": {"multitask": True}}, "grid": s},
         {"name": "cmm", "base": ZS_VISION, "grid": {"train.mode": ["vision", "linear"],
                                                     "strategy.deploy.merger": ["continual_average", "fisher_merge"],
                                                     "strategy.deploy.align": ["none", "l1"], **s}},
+        {"name": "cmm-multitask", "base": {**vision, "stream": {"multitask": True}}, "grid": s},
     ]
+    for label, (deploy, n) in opcm_methods(opcm_lengths).items():
+        exps.append({"name": f"opcm-{_slug(label)}", "label": label,
+                     "base": {**vision, "strategy": {**vision["strategy"], "deploy": deploy}, "stream": {"length": n}},
+                     "grid": s})
+    exps += [{"name": f"opcm-multitask-{n}", "base": {**vision, "stream": {"length": n, "multitask": True}}, "grid": s}
+             for n in opcm_lengths]
+    return exps
 
 
-def run_experiments(raw: dict, seeds: list[int], project: str, workers: int) -> dict[str, list[dict]]:
+def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
+                    opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> dict[str, list[dict]]:
     """Run (or read from the cache) every experiment; returns name → per-point results, and under
     "failed" the points that did not finish (a diverged merge or training) with their errors."""
     out: dict[str, list[dict]] = {"failed": []}
-    for exp in experiments(seeds):
+    for exp in experiments(seeds, opcm_lengths):
+        exp = {k: v for k, v in exp.items() if k != "label"}
         if "same" in exp:  # one sweep per technique value, both axes set together
             (dst, src), = exp["same"].items()
             rows = []
@@ -108,7 +153,7 @@ def _wins(a: dict, b: dict) -> int:
 def findings(res: dict[str, list[dict]]) -> list[dict]:
     """Each headline finding: claim, verdict, figures; a group whose runs failed is reported as not judged."""
     out: list[dict] = []
-    for group in (_time_findings, _opcm_findings, _cmm_findings):
+    for group in (_time_findings, _cmm_findings):
         try:
             out += group(res)
         except (KeyError, StopIteration, ValueError) as e:
@@ -152,21 +197,74 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def _opcm_findings(res: dict[str, list[dict]]) -> list[dict]:
+def acc_bwt_at(matrix: list[list[float]], t: int) -> tuple[float, float]:
+    """ACC and BWT after the first `t` tasks, from a stream's accuracy matrix rows R[0..]."""
+    last = matrix[t - 1][:t]
+    bwt = statistics.mean(last[i] - matrix[i][i] for i in range(t - 1)) if t > 1 else 0.0
+    return statistics.mean(last), bwt
+
+
+def _by_seed(rows: list[dict], value) -> dict:
+    v = {_seed(r["point"]): value(r) for r in rows}
+    return {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()), "by_seed": v}
+
+
+def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: dict[int, list[float]]) -> dict:
+    """label → T → {"ACC", "BWT", "norm"}: each an aggregate over seeds (see `aggregate`)."""
+    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(len(r["matrix"]))]
+                  for r in res["opcm-individual-experts"]}
+
+    def norm(seed: int, scores: list[float]) -> float:
+        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[seed]))
+
+    table: dict[str, dict[int, dict]] = {"zero-shot": {}, "individual experts": {}, "multitask": {}}
+    for t in lengths:
+        table["zero-shot"][t] = {"ACC": _by_seed_values({s: statistics.mean(z[:t]) for s, z in zero_shot.items()}),
+                                 "norm": _by_seed_values({s: norm(s, z[:t]) for s, z in zero_shot.items()})}
+        mt = res[f"opcm-multitask-{t}"]
+        table["multitask"][t] = {"ACC": _by_seed(mt, lambda r: r["A_KA"]),
+                                 "norm": _by_seed(mt, lambda r, t=t: norm(_seed(r["point"]), _task_scores(r, t)))}
+    for label in opcm_methods(lengths):
+        rows = res[f"opcm-{_slug(label)}"]
+        if label == "individual experts":
+            for t in lengths:
+                table[label][t] = {"ACC": _by_seed(rows, lambda r, t=t: statistics.mean(individual[_seed(r["point"])][:t])),
+                                   "norm": _by_seed(rows, lambda r: 1.0)}
+            continue
+        table[label] = {}
+        for t in lengths:
+            if len(rows[0]["matrix"]) < t:
+                continue  # continual TA at λ 0.3 runs only as far as T = 8
+            table[label][t] = {
+                "ACC": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[0]),
+                "BWT": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[1]),
+                "norm": _by_seed(rows, lambda r, t=t: norm(_seed(r["point"]), r["matrix"][t - 1][:t]))}
+    return table
+
+
+def _by_seed_values(v: dict[int, float]) -> dict:
+    return {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()), "by_seed": v}
+
+
+def _task_scores(r: dict, t: int) -> list[float]:
+    """A multitask run's scores on the stream's first `t` datasets, in task order."""
+    return [r["scores"][name] for name in r["order"][:t]]
+
+
+def _opcm_findings(res: dict[str, list[dict]], table: dict) -> list[dict]:
     """OPCM's findings"""
     out = []
-    n = len(aggregate(res["opcm"], "ACC")["deploy.merger=opcm"]["by_seed"])
+    ours = "OPCM (released code)"
     for metric in ("ACC", "BWT"):
-        agg = aggregate(res["opcm"], metric)
-        diag = aggregate(res["opcm-diagonal"], metric)[""]
-        o = agg["deploy.merger=opcm"]
-        others = {k.split("=")[-1]: v for k, v in agg.items() if not k.endswith("=opcm")}
-        base = {k: others[k] for k in ("continual_task_arithmetic", "continual_ties")}
-        out.append({"claim": f"OPCM: OPCM beats continual task arithmetic and TIES in {metric}",
-                    "holds": all(o["mean"] > v["mean"] for v in base.values()),
-                    "seeds": f"{min(_wins(o, v) for v in base.values())}/{n}",
-                    "figures": f"OPCM {_pct(o)} (diagonal kept: {_pct(diag)}); "
-                               + "; ".join(f"{k} {_pct(v)}" for k, v in others.items())})
+        for t, o in table[ours].items():
+            ta = next(v[t] for k, v in table.items() if k.startswith("continual TA") and t in v)
+            base = {"continual TA": ta[metric], "continual TIES (paper baseline)": table["continual TIES (paper baseline)"][t][metric]}
+            others = {k: v[t][metric] for k, v in table.items() if metric in v.get(t, {}) and k != ours}
+            out.append({"claim": f"OPCM: OPCM beats continual task arithmetic and TIES in {metric} at T = {t} "
+                                 "(vision-only experts from θ0)",
+                        "holds": all(o[metric]["mean"] > v["mean"] for v in base.values()),
+                        "seeds": f"{min(_wins(o[metric], v) for v in base.values())}/{len(o[metric]['by_seed'])}",
+                        "figures": f"OPCM {_pct(o[metric])}; " + "; ".join(f"{k} {_pct(v)}" for k, v in others.items())})
     return out
 
 
@@ -189,30 +287,185 @@ def _cmm_findings(res: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dict) -> Path:
+def _with_order(res: dict[str, list[dict]], orders: dict[int, list[str]]) -> None:
+    for rows in res.values():
+        for r in rows:
+            if "point" in r and "stream.seed=" in r["point"] and "error" not in r:
+                r["order"] = orders[_seed(r["point"])]
+
+
+def zero_shot(raw: dict, project: str, base: str, datasets: list[str]) -> dict[str, float]:
+    """θ0's score on each dataset (the zero-shot bound), through the eval stage's core function."""
+    from chronomerge.stages import run_eval
+    from flows.stream import check, prepare_inputs, workspace
+
+    cfg = validate(raw)
+    arch, sets = check(cfg)
+    ws = workspace(cfg, Path(project))
+    sets = {"adaptation": list(datasets), "held_out": list(sets["held_out"])}
+    digests = prepare_inputs(cfg, ws, sets)
+    return run_eval(ws, arch, base, [], sets, digests)["scores"]
+
+
+def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held_out: list[str], t: int) -> dict:
+    """TIME setting (whole-CLIP experts, T = t): label → {"A_KA", "norm", "A_ZS", "GM"} aggregates."""
+    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(t)]
+                  for r in res["pairs"] if "init.mode=zs,deploy.mode=ft" in r["point"]}
+
+    def norm(r: dict, scores: list[float]) -> float:
+        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[_seed(r["point"])]))
+
+    def zs_metrics(seed: int) -> dict[str, float]:
+        ka = statistics.mean(zs[seed][n] for n in res["pairs"][0]["order"][:t])
+        a_zs = statistics.mean(zs[seed][n] for n in held_out) if held_out else None
+        return {"A_KA": ka, "A_ZS": a_zs, "GM": (ka * a_zs) ** 0.5 if a_zs is not None else None}
+
+    seeds = sorted(individual)
+    out = {"zero-shot": {m: _by_seed_values({s: zs_metrics(s)[m] for s in seeds}) for m in ("A_KA", "A_ZS", "GM")},
+           "individual experts": {"A_KA": _by_seed_values({s: statistics.mean(individual[s]) for s in seeds}),
+                                  "norm": _by_seed_values({s: 1.0 for s in seeds})}}
+    for s in seeds:
+        out["zero-shot"].setdefault("_norm", {})[s] = statistics.mean(
+            zs[s][n] / b if b else 0.0 for n, b in zip(res["pairs"][0]["order"][:t], individual[s]))
+    out["zero-shot"]["norm"] = _by_seed_values(out["zero-shot"].pop("_norm"))
+    groups = {"multitask": res["multitask"], "replay (init ft, deploy ft)": res["replay"]}
+    for k, rows in _groups(res["pairs"]).items():
+        groups[k.replace("init.mode=", "init ").replace(",deploy.mode=", ", deploy ")] = rows
+    for k, rows in _groups(res["offline"]).items():
+        groups[f"offline merging, {k.split('=')[-1]} recency"] = rows
+    for label, rows in groups.items():
+        if not rows:
+            continue
+        scores = (lambda r: _task_scores(r, t)) if label == "multitask" else (lambda r: r["matrix"][-1][:t])
+        out[label] = {m: _by_seed(rows, lambda r, m=m: r[m]) for m in ("A_KA", "A_ZS", "GM") if rows[0][m] is not None}
+        out[label]["norm"] = _by_seed(rows, lambda r, f=scores: norm(r, f(r)))
+    return out
+
+
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(_key(r["point"]), []).append(r)
+    return out
+
+
+def cmm_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], t: int) -> dict:
+    """CMM setting (vision-only, T = t): label → {"ACC", "norm", "BWT"}; bounds from the OPCM runs."""
+    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(t)] for r in res["opcm-individual-experts"]}
+
+    def norm(r: dict, scores: list[float]) -> float:
+        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[_seed(r["point"])]))
+
+    ind = res["opcm-individual-experts"]
+    out = {"zero-shot": {"ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r["point"])][n] for n in r["order"][:t])),
+                         "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r["point"])][n] for n in r["order"][:t]]))},
+           "individual experts": {"ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])])),
+                                  "norm": _by_seed(ind, lambda r: 1.0)},
+           "multitask": {"ACC": _by_seed(res["cmm-multitask"], lambda r: r["A_KA"]),
+                         "norm": _by_seed(res["cmm-multitask"], lambda r: norm(r, _task_scores(r, t)))}}
+    for k, rows in _groups(res["cmm"]).items():
+        label = k.replace("train.mode=", "").replace(",deploy.merger=", " + ").replace(",deploy.align=", " + align ")
+        out[label] = {"ACC": _by_seed(rows, lambda r: acc_bwt_at(r["matrix"], t)[0]),
+                      "BWT": _by_seed(rows, lambda r: acc_bwt_at(r["matrix"], t)[1]),
+                      "norm": _by_seed(rows, lambda r: norm(r, r["matrix"][t - 1][:t]))}
+    return out
+
+
+def _cell(agg: dict | None) -> str:
+    return "–" if agg is None else _pct(agg)
+
+
+def _table(title: str, note: str, rows: dict, columns: list[tuple[str, Any]]) -> list[str]:
+    lines = [f"## {title}", "", note, "", "| | " + " | ".join(c for c, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for label, cells in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(get(cells)) for _, get in columns) + " |")
+    return lines + [""]
+
+
+def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dict, tables: dict) -> Path:
     lines = ["# Reproduction on the embedded benchmark", "",
              f"Seeds (task orders): {settings['seeds']}. Profile: {settings['profile']}. "
-             "Figures: mean ± standard deviation over seeds, in %; 'seeds' = on how many seeds the claim holds.", "",
+             "Figures: mean ± standard deviation over seeds, in %; 'seeds' = on how many seeds the claim holds. "
+             "Normalised accuracy: mean over tasks of (model's accuracy / the individual expert's), in %.", "",
              "| finding | holds | seeds | figures |", "|---|---|---|---|"]
     verdict = {True: "yes", False: "**no**", None: "not judged"}
     lines += [f"| {f['claim']} | {verdict[f['holds']]} | {f['seeds']} | {f['figures']} |" for f in found]
+    lines.append("")
+    t = settings["length"]
+    if "time" in tables:
+        lines += _table(f"TIME setting: whole-CLIP experts, T = {t}", "A_KA and A_ZS absolute; A_KA normalised by "
+                        "the individual experts (init zs, deploy ft: expert t on task t).", tables["time"],
+                        [("A_KA", lambda c: c.get("A_KA")), ("A_KA normalised", lambda c: c.get("norm")),
+                         ("A_ZS", lambda c: c.get("A_ZS")), ("GM", lambda c: c.get("GM"))])
+    if "opcm" in tables:
+        cols = []
+        for n in settings["opcm_lengths"]:
+            cols += [(f"ACC T={n}", lambda c, n=n: c.get(n, {}).get("ACC")),
+                     (f"normalised T={n}", lambda c, n=n: c.get(n, {}).get("norm")),
+                     (f"BWT T={n}", lambda c, n=n: c.get(n, {}).get("BWT"))]
+        lines += _table("OPCM setting (its Table 1): vision-only experts from θ0", "ACC and BWT over the first T tasks "
+                        "of each task order; continual TA uses λ = 0.3 at T ≤ 8 and 0.1 beyond, as the paper.",
+                        tables["opcm"], cols)
+    if "cmm" in tables:
+        lines += _table(f"CMM setting: vision-only, T = {t}", "train mode + merger + alignment; bounds as in the OPCM "
+                        "setting (same experts).", tables["cmm"],
+                        [("ACC", lambda c: c.get("ACC")), ("normalised", lambda c: c.get("norm")), ("BWT", lambda c: c.get("BWT"))])
     if res["failed"]:
-        lines += ["", "## Runs that did not finish", ""]
+        lines += ["## Runs that did not finish", ""]
         lines += [f"- {f['experiment']} {f.get('technique', '')} {f['point']}: {f['error']}" for f in res["failed"]]
-    lines += ["", "Per-experiment tables and plots: `outputs/sweeps/<experiment>/`.", ""]
+        lines.append("")
+    lines += [f"Wall time: {settings['seconds'] / 60:.1f} min. Per-experiment tables and plots: "
+              "`outputs/sweeps/<experiment>/`.", ""]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "reproduction.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     atomic_write_bytes(folder / "reproduction.json", json.dumps({"settings": settings, "findings": found,
-                                                                 "results": res}, indent=1).encode())
+                                                                 "tables": _json_tables(tables), "results": res},
+                                                                indent=1).encode())
     return path
 
 
-def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2, sets: list[str] = ()) -> Path:
+def _json_tables(tables: dict) -> dict:
+    return json.loads(json.dumps(tables, default=str))
+
+
+def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2, sets: list[str] = (),
+              opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> Path:
     """Run the experiments (profile, then `sets`) and write outputs/reproduce/reproduction.md."""
+    import time
+
+    from chronomerge.data.streams import build_stream
+
+    t0 = time.perf_counter()
+    opcm_lengths = tuple(opcm_lengths) or OPCM_LENGTHS
     raw = apply_overrides(apply_overrides(raw, PROFILE), list(sets))
-    validate(raw)
-    res = run_experiments(raw, seeds, project, workers)
+    cfg = validate(raw)
+    res = run_experiments(raw, seeds, project, workers, tuple(opcm_lengths))
+    longest = max(cfg.stream.length, *opcm_lengths)
+    orders = {s: [t.datasets[0] for t in build_stream(cfg.stream.kind, longest, s)] for s in seeds}
+    _with_order(res, orders)
+    bases = {_seed(r["point"]): r["base"] for r in res["pairs"]}
+    zs = {s: zero_shot(raw, project, bases[s], sorted(set(orders[s]))) for s in seeds if s in bases}
+    from flows.stream import check
+    held_out = check(cfg)[1]["held_out"]
     found = findings(res)
-    folder = Path(project) / validate(raw).paths.outputs / "reproduce"
-    return write_reproduction(res, found, folder, {"seeds": seeds, "profile": PROFILE + list(sets)})
+    tables: dict = {}
+    for name, make in (("time", lambda: time_table(res, zs, held_out, cfg.stream.length)),
+                       ("opcm", lambda: opcm_table(res, tuple(opcm_lengths), zs_lists(zs, orders, longest))),
+                       ("cmm", lambda: cmm_table(res, zs, cfg.stream.length))):
+        try:
+            tables[name] = make()
+        except (KeyError, StopIteration, ValueError, IndexError) as e:
+            found.append({"claim": f"{name} table", "holds": None, "seeds": "-",
+                          "figures": f"not made: a run it needs did not finish ({e!r}); see the failed runs"})
+    if "opcm" in tables:
+        found += _opcm_findings(res, tables["opcm"])
+    folder = Path(project) / cfg.paths.outputs / "reproduce"
+    settings = {"seeds": seeds, "profile": PROFILE + list(sets), "length": cfg.stream.length,
+                "opcm_lengths": list(opcm_lengths), "seconds": time.perf_counter() - t0}
+    return write_reproduction(res, found, folder, settings, tables)
+
+
+def zs_lists(zs: dict[int, dict[str, float]], orders: dict[int, list[str]], n: int) -> dict[int, list[float]]:
+    return {s: [zs[s][name] for name in orders[s][:n]] for s in zs}

@@ -218,7 +218,8 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
                "task_vector_cosine": task_vector_cosines(ws.open_store(), theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
-            "stages": stages, "compute_seconds": compute, "history": history,
+            "stages": stages, "compute_seconds": compute, "history": history, "matrix": rows,
+            "scores": steps[-1]["scores"],
             "final": {k: steps[-1][k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}}
 
 

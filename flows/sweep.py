@@ -110,7 +110,8 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     summary = {"sweep": sweep["name"], "points": len(outcomes), "wall_seconds": wall,
                "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
                "results": [{"point": r["point"], "deployed": r["deployed"], "run_id": r["run_id"],
-                            "outputs": str(Path(project) / config["paths"]["outputs"]), **r["final"]}
+                            "outputs": str(Path(project) / config["paths"]["outputs"]), "base": r["base"],
+                            "matrix": r["matrix"], "scores": r["scores"], **r["final"]}
                            for r, config in done],
                "failed": failed}
     folder = Path(project) / validate(raw).paths.outputs / "sweeps" / sweep["name"]

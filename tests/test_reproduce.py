@@ -2,18 +2,23 @@
 computed from the runs (the real report uses 3 seeds; the code path is the same)."""
 import json
 
+import pytest
+
 from flows.cli import main
 
 
 def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figures(project, capsys):
     sets = ["stream.length=2", "train.steps=5"]
-    assert main(["report", "--reproduce", "--seeds", "0", *[x for s in sets for x in ("--set", s)]]) == 0
+    assert main(["report", "--reproduce", "--seeds", "0", "--opcm-lengths", "2", "3",
+                 *[x for s in sets for x in ("--set", s)]]) == 0
     report = (project / "outputs" / "reproduce" / "reproduction.md").read_text()
     data = json.loads((project / "outputs" / "reproduce" / "reproduction.json").read_text())
     claims = [f["claim"] for f in data["findings"]]
-    assert len(claims) == 8 and all(c in report for c in claims)
-    assert sum(c.startswith("TIME") for c in claims) == 3 and sum(c.startswith("OPCM") for c in claims) == 2
-    assert sum(c.startswith("CMM") for c in claims) == 3
+    assert all(c in report for c in claims) and all(f["holds"] is not None for f in data["findings"])
+    assert sum(c.startswith("TIME") for c in claims) == 3 and sum(c.startswith("CMM") for c in claims) == 3
+    assert sorted(c for c in claims if c.startswith("OPCM")) == sorted(
+        f"OPCM: OPCM beats continual task arithmetic and TIES in {m} at T = {t} (vision-only experts from θ0)"
+        for m in ("ACC", "BWT") for t in (2, 3))
     res = data["results"]
     assert len(res["pairs"]) == 12 and len(res["techniques"]) == 9 and len(res["cmm"]) == 8
     # The Best-in-TIME verdict follows from the pair means.
@@ -23,13 +28,19 @@ def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figure
         means.setdefault(key, []).append(r["GM"])
     best = max(means, key=lambda k: sum(means[k]) / len(means[k]))
     assert data["findings"][1]["holds"] == (best == "init.mode=ema,deploy.mode=ema")
-    # The OPCM verdict on ACC follows from the merger means.
-    acc = {}
-    for r in res["opcm"]:
-        acc.setdefault(r["point"].split(",")[0].split("=")[1], []).append(r["ACC"])
-    mean = {k: sum(v) / len(v) for k, v in acc.items()}
-    assert data["findings"][3]["holds"] == (mean["opcm"] > max(mean["continual_task_arithmetic"], mean["continual_ties"]))
-    assert "stream.length=2" in report
+    # OPCM setting: one run per method at the longest T, ACC at T = 2 read from its accuracy matrix.
+    opcm = res["opcm-opcm-released-code"][0]["matrix"]
+    assert len(opcm) == 3 and len(res["opcm-continual-ta-0-3"][0]["matrix"]) == 3
+    acc2 = (opcm[1][0] + opcm[1][1]) / 2
+    assert data["tables"]["opcm"]["OPCM (released code)"]["2"]["ACC"]["mean"] == pytest.approx(acc2)
+    individual = res["opcm-individual-experts"][0]["matrix"]
+    norm = (opcm[1][0] / individual[0][0] + opcm[1][1] / individual[1][1]) / 2
+    assert data["tables"]["opcm"]["OPCM (released code)"]["2"]["norm"]["mean"] == pytest.approx(norm)
+    # Bounds rows on every table
+    for table in ("time", "opcm", "cmm"):
+        assert {"zero-shot", "individual experts", "multitask"} <= set(data["tables"][table])
+    assert "| individual experts | " in report and "| zero-shot | " in report and "| multitask | " in report
+    assert "stream.length=2" in report and "Wall time:" in report
 
 
 def _rows(points, seeds=(0, 1), value=lambda p, s: 0.1):
@@ -46,8 +57,7 @@ def test_runs_that_did_not_finish_are_reported_not_scored():
         "pairs": _rows(pairs, value=lambda p, s: 0.1 + 0.01 * pairs.index(p)),
         "replay": _rows([""]), "offline": _rows(["deploy.recency=uniform"]),
         "techniques": [{**r, "technique": t} for t in gm for r in _rows([""], value=lambda p, s: gm[t])],
-        "opcm": _rows([f"deploy.merger={m}" for m in ("opcm", "continual_task_arithmetic", "continual_ties")]),
-        "opcm-diagonal": _rows([""]), "cmm": [],
+        "cmm": [],
         "failed": [{"experiment": "techniques", "technique": "dare_ties", "point": f"stream.seed={s}",
                     "error": "NonFiniteError: ..."} for s in (0, 1)],
     }

@@ -21,7 +21,7 @@ from chronomerge.data.catalog import DatasetSpec
 from chronomerge.data.render import COLOURS, COUNTS, DOMAIN_PHRASES, SIZE, concept, concept_mask, stylize
 from chronomerge.store import atomic_save, atomic_write_bytes
 
-GENERATOR_VERSION = "3"  # bump when rendering or captioning changes what a spec produces
+GENERATOR_VERSION = "4"  # bump when rendering or captioning changes what a spec produces
 POSITION_PHRASES = {"center": "in the middle", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
 TEMPLATES = {
@@ -137,6 +137,17 @@ def generate(spec: DatasetSpec, split: str, seed: int, size_factor: float = 1.0)
             img = _digit_image(pics[int(rng.choice(pools[int(y)]))], rng)
             images[i] = np.round(img * 255)
             captions.append(f"a scan of a handwritten digit {int(y)} on paper")
+    elif spec.mix:  # a pool: each image from one part (class-balanced within it), parts in their shares
+        counts = [int(round(share * n)) for _, share in spec.mix[:-1]]
+        part_of = np.repeat(np.arange(len(spec.mix)), counts + [n - sum(counts)])
+        rng.shuffle(part_of)
+        for i, k in enumerate(part_of):
+            part = spec.mix[k][0]
+            c = int(rng.integers(len(part.concepts)))
+            img, cap = _sample(part, c, rng, pretrain=True)
+            images[i] = np.round(img * 255)
+            labels[i] = spec.concepts.index(part.concepts[c])
+            captions.append(cap)
     else:
         for i, y in enumerate(labels):
             img, cap = _sample(spec, int(y), rng, pretrain=spec.role == "pretrain")
