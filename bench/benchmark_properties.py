@@ -13,6 +13,8 @@ one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lin
                             zero-shot on their tasks / their mean gain               (>= 35%)
   keep_avg_vision           the same for vision-only experts (frozen zero-shot text head)
   keep_ta_clip              (reported) task arithmetic, λ = 0.3, of the same 8 whole-CLIP experts
+  keep_alone_clip           (reported) each of those experts alone at θ0 + τ/8: the share of its gain it
+                            keeps, averaging's ceiling without interference (1/8 = 12.5% if linear)
   seq_bwt                   BWT of plain sequential fine-tuning over the stream       (<= -5)
   gm_zs, gm_best_in_time, gm_offline, gm_replay
                             GM at T = 20 of the pipeline's default stream (Best-in-TIME), offline
@@ -116,6 +118,14 @@ def main() -> None:
             out["keep_avg_clip"] = _keep(base, merge("average", theta0, clip_states), own_scores, zs_own, gains[:k], k)
             out["keep_ta_clip"] = _keep(base, merge("task_arithmetic", theta0, clip_states, scale=0.3),
                                         own_scores, zs_own, gains[:k], k)
+            # Averaging's ceiling without interference: each expert alone scaled to θ0 + τ/K keeps this
+            # share of its own gain (about 1/K when accuracy grows linearly along τ, more when it saturates).
+            alone = []
+            for t, st in enumerate(clip_states):
+                m = copy.deepcopy(base)
+                m.load_state_dict(merge("task_arithmetic", theta0, [st], scale=1 / k))
+                alone.append((score(m, tok, test_sets[t], "cpu") - zs_own[t]) / gains[t] if gains[t] else 0.0)
+            out["keep_alone_clip"] = 100 * sum(alone) / k
             vision_states, vgains = [], []
             for t in range(k):
                 m = copy.deepcopy(base)

@@ -188,7 +188,7 @@ class StrategySection(_Section):
 class TrainSection(_Section):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)

@@ -31,7 +31,7 @@ TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln
 class TrainConfig:
     steps: int = 100
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 2e-4
     weight_decay: float = 0.1
     warmup: float = 0.1
     grad_clip: float = 1.0

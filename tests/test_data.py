@@ -31,6 +31,24 @@ def test_catalog_has_the_required_breadth():
     assert {"photo", "sketch", "painting", "pixel art", "inverted", "low light"} <= domains
 
 
+def test_pretraining_pool_has_a_head_and_a_long_tail_over_every_concept_and_domain():
+    pool = generate(catalog.PRETRAIN, "train", 0, 0.2)  # 4,000 images
+    head = {c for c in catalog.PRETRAIN.mix[0][0].concepts}
+    seen = {pool.classes[y] for y in pool.labels}
+    adaptation = {c for d in catalog.ADAPTATION for c in d.classes if d.target == "concept"}
+    assert adaptation <= seen  # every adaptation class name appears in pretraining...
+    from chronomerge.data.render import concept
+    head_names = {concept(c).name for c in head}
+    share = np.mean([pool.classes[y] in head_names for y in pool.labels])
+    tail_share = 1 - catalog.HEAD_SHARE
+    # ...but rarely: the head's share is HEAD_SHARE plus the tail's draws of head concepts
+    expected = catalog.HEAD_SHARE + tail_share * len(head) / len(catalog.PRETRAIN.mix[1][0].concepts)
+    assert abs(share - expected) < 0.03
+    words = {d for d in catalog.PRETRAIN.domains}
+    assert {x for d in catalog.ADAPTATION for x in d.domains} - {"real"} <= words
+    assert not any("digit" in c for c in pool.captions)  # handwritten digits stay unseen
+
+
 def test_generation_is_deterministic_and_seeded():
     spec = catalog.ADAPTATION[0]
     a, b = generate(spec, "train", 0, SMALL), generate(spec, "train", 0, SMALL)
