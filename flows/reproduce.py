@@ -315,8 +315,10 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
     def norm(r: dict, scores: list[float]) -> float:
         return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[_seed(r["point"])]))
 
+    order = {_seed(r["point"]): r["order"] for r in res["pairs"]}
+
     def zs_metrics(seed: int) -> dict[str, float]:
-        ka = statistics.mean(zs[seed][n] for n in res["pairs"][0]["order"][:t])
+        ka = statistics.mean(zs[seed][n] for n in order[seed][:t])
         a_zs = statistics.mean(zs[seed][n] for n in held_out) if held_out else None
         return {"A_KA": ka, "A_ZS": a_zs, "GM": (ka * a_zs) ** 0.5 if a_zs is not None else None}
 
@@ -326,7 +328,7 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
                                   "norm": _by_seed_values({s: 1.0 for s in seeds})}}
     for s in seeds:
         out["zero-shot"].setdefault("_norm", {})[s] = statistics.mean(
-            zs[s][n] / b if b else 0.0 for n, b in zip(res["pairs"][0]["order"][:t], individual[s]))
+            zs[s][n] / b if b else 0.0 for n, b in zip(order[s][:t], individual[s]))
     out["zero-shot"]["norm"] = _by_seed_values(out["zero-shot"].pop("_norm"))
     groups = {"multitask": res["multitask"], "replay (init ft, deploy ft)": res["replay"]}
     for k, rows in _groups(res["pairs"]).items():

@@ -67,3 +67,23 @@ def test_runs_that_did_not_finish_are_reported_not_scored():
     assert spread["holds"] is True and "dare_ties did not finish on 2/2 seeds" in spread["figures"]
     (cmm,) = [f for f in found if f["claim"] == "CMM's findings"]
     assert cmm["holds"] is None and cmm["figures"].startswith("not judged")
+
+
+def test_bounds_use_each_seeds_own_task_order():
+    from flows.reproduce import time_table
+
+    orders = {0: ["a", "b"], 1: ["c", "d"]}
+    zs = {0: {"a": 0.1, "b": 0.3, "c": 0.9, "d": 0.9, "h": 0.5}, 1: {"a": 0.9, "b": 0.9, "c": 0.2, "d": 0.4, "h": 0.7}}
+
+    def row(point, seed, matrix, **m):
+        return {"point": f"{point},stream.seed={seed}", "matrix": matrix, "order": orders[seed],
+                "scores": {}, **{"A_KA": 0.5, "A_ZS": 0.5, "GM": 0.5, **m}}
+
+    res = {"pairs": [row("init.mode=zs,deploy.mode=ft", s, [[0.4], [0.3, 0.8]]) for s in (0, 1)],
+           "offline": [], "replay": [], "multitask": []}
+    table = time_table(res, zs, ["h"], 2)
+    assert table["zero-shot"]["A_KA"]["by_seed"] == {0: pytest.approx(0.2), 1: pytest.approx(0.3)}
+    assert table["zero-shot"]["norm"]["by_seed"][0] == pytest.approx((0.1 / 0.4 + 0.3 / 0.8) / 2)
+    assert table["individual experts"]["A_KA"]["mean"] == pytest.approx(0.6)
+    pair = table["init zs, deploy ft"]
+    assert pair["norm"]["mean"] == pytest.approx((0.3 / 0.4 + 1.0) / 2)
