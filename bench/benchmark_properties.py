@@ -144,6 +144,7 @@ def main() -> None:
             diag.append(score(seq, tok, test_sets[t], "cpu"))
         final = own_scores(seq, len(tasks))
         out["seq_bwt"] = 100 * sum(final[i] - diag[i] for i in range(len(tasks) - 1)) / max(1, len(tasks) - 1)
+        log(f"sequential fine-tuning: BWT {out['seq_bwt']:.1f}")
     if "streams" in parts:
         out["gm_zs"] = 100 * zs["GM"]
         out.update(_streams(args, raw, log))
