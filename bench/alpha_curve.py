@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chronomerge.benchmark import PRETRAIN, ensure_base, load_model  # noqa: E402
-from chronomerge.config import apply_overrides, validate  # noqa: E402
+from chronomerge.config import load_config  # noqa: E402
 from chronomerge.data import prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import score  # noqa: E402
@@ -38,8 +38,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[0, 3, 5], help="task indices of the default stream")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* override")
     args = p.parse_args()
-    raw = validate(apply_overrides(validate({}).to_dict(), args.set)).to_dict()
-    cfg = TrainConfig(**{k: v for k, v in raw["train"].items() if k in TrainConfig.__dataclass_fields__})
+    raw = load_config(None, args.set).to_dict()  # the default recipe and the --set overrides
+    cfg = TrainConfig(**raw["train"])
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
     base = load_model(store, ensure_base(store, args.data, args.seed, cfg=PRETRAIN))

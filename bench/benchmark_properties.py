@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chronomerge.benchmark import PRETRAIN, ensure_base, load_model  # noqa: E402
-from chronomerge.config import apply_overrides, validate  # noqa: E402
+from chronomerge.config import apply_overrides, load_config  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
-from chronomerge.evaluate import chance, evaluate, score, summarize, text_head  # noqa: E402
+from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
 from chronomerge.models import get_tokenizer  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; expected a subset of {list(PARTS)}")
-    raw = validate(apply_overrides(validate({}).to_dict(), args.set)).to_dict()
+    raw = load_config(None, args.set).to_dict()  # the default recipe and the --set overrides
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
@@ -80,13 +80,14 @@ def main() -> None:
     adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
     zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
     zs = summarize(zs_scores, list(adaptation), list(held_out))
-    out = {"seed": args.seed, "base": base_id[:12], "recipe": {k: v for k, v in raw["train"].items()},
+    out = {"seed": args.seed, "base": base_id[:12], "recipe": raw["train"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
-    cfg = TrainConfig(**{k: v for k, v in raw["train"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg = TrainConfig(**raw["train"])
     cfg = dataclasses.replace(cfg, seed=args.seed)
 
-    def expert(t: int, mode: str) -> dict[str, torch.Tensor]:
+    def expert(t: int, mode: str) -> torch.nn.Module:
+        """An expert for task t trained from θ0 (mode vision: against θ0's zero-shot head)."""
         m = copy.deepcopy(base)
         train(m, train_sets[t], dataclasses.replace(cfg, mode=mode), tokenizer=tok)
         return m
@@ -128,9 +129,7 @@ def main() -> None:
             out["keep_alone_clip"] = 100 * sum(alone) / k
             vision_states, vgains = [], []
             for t in range(k):
-                m = copy.deepcopy(base)
-                head = text_head(base, tok, train_sets[t].classes, train_sets[t].templates, "cpu")
-                train(m, train_sets[t], dataclasses.replace(cfg, mode="vision"), tokenizer=tok, head=head)
+                m = expert(t, "vision")
                 vgains.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
                 vision_states.append({kk: v.clone() for kk, v in m.state_dict().items()})
             out["vision_gain_mean"] = 100 * sum(vgains) / k

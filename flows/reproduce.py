@@ -29,13 +29,17 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
-from chronomerge.config import apply_overrides, validate
+from chronomerge.config import Config, apply_overrides, validate
+from chronomerge.data.streams import build_stream
 from chronomerge.merge import TECHNIQUES, ContinualTIES
 from chronomerge.merge.opcm import PAPER
+from chronomerge.stages import run_eval
 from chronomerge.store import atomic_write_bytes
+from flows.stream import check, prepare_inputs, workspace
 from flows.sweep import sweep_flow
 
 # The CPU profile: a shorter stream and fewer steps than the default, so that 3 seeds of every
@@ -91,7 +95,7 @@ def experiments(seeds: list[int], opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) 
         {"name": "cmm-multitask", "base": {**vision, "stream": {"multitask": True}}, "grid": s},
     ]
     for label, (deploy, n) in opcm_methods(opcm_lengths).items():
-        exps.append({"name": f"opcm-{_slug(label)}", "label": label,
+        exps.append({"name": f"opcm-{_slug(label)}",
                      "base": {**vision, "strategy": {**vision["strategy"], "deploy": deploy}, "stream": {"length": n}},
                      "grid": s})
     exps += [{"name": f"opcm-multitask-{n}", "base": {**vision, "stream": {"length": n, "multitask": True}}, "grid": s}
@@ -105,7 +109,6 @@ def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
     "failed" the points that did not finish (a diverged merge or training) with their errors."""
     out: dict[str, list[dict]] = {"failed": []}
     for exp in experiments(seeds, opcm_lengths):
-        exp = {k: v for k, v in exp.items() if k != "label"}
         if "same" in exp:  # one sweep per technique value, both axes set together
             (dst, src), = exp["same"].items()
             rows = []
@@ -138,8 +141,12 @@ def aggregate(rows: list[dict], metric: str) -> dict[str, dict]:
     for r in rows:
         k = _key(r["point"]) + (f",technique={r['technique']}" if "technique" in r else "")
         groups.setdefault(k.strip(","), {})[_seed(r["point"])] = r[metric]
-    return {k: {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()), "by_seed": v}
-            for k, v in groups.items()}
+    return {k: _spread(v) for k, v in groups.items()}
+
+
+def _spread(by_seed: dict[int, float]) -> dict:
+    """{mean, std, by_seed} of one figure over seeds."""
+    return {"mean": statistics.mean(by_seed.values()), "std": statistics.pstdev(by_seed.values()), "by_seed": by_seed}
 
 
 def _pct(a: dict) -> str:
@@ -205,25 +212,33 @@ def acc_bwt_at(matrix: list[list[float]], t: int) -> tuple[float, float]:
 
 
 def _by_seed(rows: list[dict], value) -> dict:
-    v = {_seed(r["point"]): value(r) for r in rows}
-    return {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()), "by_seed": v}
+    return _spread({_seed(r["point"]): value(r) for r in rows})
+
+
+def _diagonals(rows: list[dict]) -> dict[int, list[float]]:
+    """Seed → R[t][t] of an individual-experts run (deploy ft from θ0): each expert on its own task."""
+    return {_seed(r["point"]): [r["matrix"][i][i] for i in range(len(r["matrix"]))] for r in rows}
+
+
+def _normalised(scores: list[float], individual: list[float]) -> float:
+    """Mean over tasks of score / the individual expert's score (FusionBench's normalised accuracy)."""
+    return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual))
 
 
 def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: dict[int, list[float]]) -> dict:
     """label → T → {"ACC", "BWT", "norm"}: each an aggregate over seeds (see `aggregate`)."""
-    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(len(r["matrix"]))]
-                  for r in res["opcm-individual-experts"]}
+    individual = _diagonals(res["opcm-individual-experts"])
 
-    def norm(seed: int, scores: list[float]) -> float:
-        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[seed]))
+    def norm(r: dict, scores: list[float]) -> float:
+        return _normalised(scores, individual[_seed(r["point"])])
 
     table: dict[str, dict[int, dict]] = {"zero-shot": {}, "individual experts": {}, "multitask": {}}
     for t in lengths:
-        table["zero-shot"][t] = {"ACC": _by_seed_values({s: statistics.mean(z[:t]) for s, z in zero_shot.items()}),
-                                 "norm": _by_seed_values({s: norm(s, z[:t]) for s, z in zero_shot.items()})}
+        table["zero-shot"][t] = {"ACC": _spread({s: statistics.mean(z[:t]) for s, z in zero_shot.items()}),
+                                 "norm": _spread({s: _normalised(z[:t], individual[s]) for s, z in zero_shot.items()})}
         mt = res[f"opcm-multitask-{t}"]
         table["multitask"][t] = {"ACC": _by_seed(mt, lambda r: r["A_KA"]),
-                                 "norm": _by_seed(mt, lambda r, t=t: norm(_seed(r["point"]), _task_scores(r, t)))}
+                                 "norm": _by_seed(mt, lambda r, t=t: norm(r, _task_scores(r, t)))}
     for label in opcm_methods(lengths):
         rows = res[f"opcm-{_slug(label)}"]
         if label == "individual experts":
@@ -238,12 +253,8 @@ def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: 
             table[label][t] = {
                 "ACC": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[0]),
                 "BWT": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[1]),
-                "norm": _by_seed(rows, lambda r, t=t: norm(_seed(r["point"]), r["matrix"][t - 1][:t]))}
+                "norm": _by_seed(rows, lambda r, t=t: norm(r, r["matrix"][t - 1][:t]))}
     return table
-
-
-def _by_seed_values(v: dict[int, float]) -> dict:
-    return {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()), "by_seed": v}
 
 
 def _task_scores(r: dict, t: int) -> list[float]:
@@ -294,26 +305,22 @@ def _with_order(res: dict[str, list[dict]], orders: dict[int, list[str]]) -> Non
                 r["order"] = orders[_seed(r["point"])]
 
 
-def zero_shot(raw: dict, project: str, base: str, datasets: list[str]) -> dict[str, float]:
-    """θ0's score on each dataset (the zero-shot bound), through the eval stage's core function."""
-    from chronomerge.stages import run_eval
-    from flows.stream import check, prepare_inputs, workspace
-
-    cfg = validate(raw)
+def zero_shot(cfg: Config, project: str, bases: dict[int, str], datasets: list[str]) -> dict[int, dict[str, float]]:
+    """Seed → θ0's score on each dataset and held-out set (the zero-shot bound), through the eval
+    stage's core function."""
     arch, sets = check(cfg)
     ws = workspace(cfg, Path(project))
     sets = {"adaptation": list(datasets), "held_out": list(sets["held_out"])}
     digests = prepare_inputs(cfg, ws, sets)
-    return run_eval(ws, arch, base, [], sets, digests)["scores"]
+    return {s: run_eval(ws, arch, base, [], sets, digests)["scores"] for s, base in bases.items()}
 
 
 def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held_out: list[str], t: int) -> dict:
     """TIME setting (whole-CLIP experts, T = t): label → {"A_KA", "norm", "A_ZS", "GM"} aggregates."""
-    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(t)]
-                  for r in res["pairs"] if "init.mode=zs,deploy.mode=ft" in r["point"]}
+    individual = _diagonals([r for r in res["pairs"] if "init.mode=zs,deploy.mode=ft" in r["point"]])
 
     def norm(r: dict, scores: list[float]) -> float:
-        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[_seed(r["point"])]))
+        return _normalised(scores, individual[_seed(r["point"])])
 
     order = {_seed(r["point"]): r["order"] for r in res["pairs"]}
 
@@ -323,13 +330,10 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
         return {"A_KA": ka, "A_ZS": a_zs, "GM": (ka * a_zs) ** 0.5 if a_zs is not None else None}
 
     seeds = sorted(individual)
-    out = {"zero-shot": {m: _by_seed_values({s: zs_metrics(s)[m] for s in seeds}) for m in ("A_KA", "A_ZS", "GM")},
-           "individual experts": {"A_KA": _by_seed_values({s: statistics.mean(individual[s]) for s in seeds}),
-                                  "norm": _by_seed_values({s: 1.0 for s in seeds})}}
-    for s in seeds:
-        out["zero-shot"].setdefault("_norm", {})[s] = statistics.mean(
-            zs[s][n] / b if b else 0.0 for n, b in zip(order[s][:t], individual[s]))
-    out["zero-shot"]["norm"] = _by_seed_values(out["zero-shot"].pop("_norm"))
+    out = {"zero-shot": {m: _spread({s: zs_metrics(s)[m] for s in seeds}) for m in ("A_KA", "A_ZS", "GM")},
+           "individual experts": {"A_KA": _spread({s: statistics.mean(individual[s][:t]) for s in seeds}),
+                                  "norm": _spread({s: 1.0 for s in seeds})}}
+    out["zero-shot"]["norm"] = _spread({s: _normalised([zs[s][n] for n in order[s][:t]], individual[s]) for s in seeds})
     groups = {"multitask": res["multitask"], "replay (init ft, deploy ft)": res["replay"]}
     for k, rows in _groups(res["pairs"]).items():
         groups[k.replace("init.mode=", "init ").replace(",deploy.mode=", ", deploy ")] = rows
@@ -353,15 +357,15 @@ def _groups(rows: list[dict]) -> dict[str, list[dict]]:
 
 def cmm_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], t: int) -> dict:
     """CMM setting (vision-only, T = t): label → {"ACC", "norm", "BWT"}; bounds from the OPCM runs."""
-    individual = {_seed(r["point"]): [r["matrix"][i][i] for i in range(t)] for r in res["opcm-individual-experts"]}
+    individual = _diagonals(res["opcm-individual-experts"])
 
     def norm(r: dict, scores: list[float]) -> float:
-        return statistics.mean(a / b if b else 0.0 for a, b in zip(scores, individual[_seed(r["point"])]))
+        return _normalised(scores, individual[_seed(r["point"])])
 
     ind = res["opcm-individual-experts"]
     out = {"zero-shot": {"ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r["point"])][n] for n in r["order"][:t])),
                          "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r["point"])][n] for n in r["order"][:t]]))},
-           "individual experts": {"ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])])),
+           "individual experts": {"ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])][:t])),
                                   "norm": _by_seed(ind, lambda r: 1.0)},
            "multitask": {"ACC": _by_seed(res["cmm-multitask"], lambda r: r["A_KA"]),
                          "norm": _by_seed(res["cmm-multitask"], lambda r: norm(r, _task_scores(r, t)))}}
@@ -423,38 +427,30 @@ def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dic
     path = folder / "reproduction.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     atomic_write_bytes(folder / "reproduction.json", json.dumps({"settings": settings, "findings": found,
-                                                                 "tables": _json_tables(tables), "results": res},
+                                                                 "tables": tables, "results": res},
                                                                 indent=1).encode())
     return path
-
-
-def _json_tables(tables: dict) -> dict:
-    return json.loads(json.dumps(tables, default=str))
 
 
 def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2, sets: list[str] = (),
               opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> Path:
     """Run the experiments (profile, then `sets`) and write outputs/reproduce/reproduction.md."""
-    import time
-
-    from chronomerge.data.streams import build_stream
-
     t0 = time.perf_counter()
     opcm_lengths = tuple(opcm_lengths) or OPCM_LENGTHS
     raw = apply_overrides(apply_overrides(raw, PROFILE), list(sets))
     cfg = validate(raw)
-    res = run_experiments(raw, seeds, project, workers, tuple(opcm_lengths))
+    res = run_experiments(raw, seeds, project, workers, opcm_lengths)
     longest = max(cfg.stream.length, *opcm_lengths)
     orders = {s: [t.datasets[0] for t in build_stream(cfg.stream.kind, longest, s)] for s in seeds}
     _with_order(res, orders)
     bases = {_seed(r["point"]): r["base"] for r in res["pairs"]}
-    zs = {s: zero_shot(raw, project, bases[s], sorted(set(orders[s]))) for s in seeds if s in bases}
-    from flows.stream import check
+    zs = zero_shot(cfg, project, bases, sorted({n for o in orders.values() for n in o}))
     held_out = check(cfg)[1]["held_out"]
     found = findings(res)
     tables: dict = {}
+    zs_in_order = {s: [zs[s][name] for name in orders[s]] for s in zs}
     for name, make in (("time", lambda: time_table(res, zs, held_out, cfg.stream.length)),
-                       ("opcm", lambda: opcm_table(res, tuple(opcm_lengths), zs_lists(zs, orders, longest))),
+                       ("opcm", lambda: opcm_table(res, opcm_lengths, zs_in_order)),
                        ("cmm", lambda: cmm_table(res, zs, cfg.stream.length))):
         try:
             tables[name] = make()
@@ -467,7 +463,3 @@ def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2,
     settings = {"seeds": seeds, "profile": PROFILE + list(sets), "length": cfg.stream.length,
                 "opcm_lengths": list(opcm_lengths), "seconds": time.perf_counter() - t0}
     return write_reproduction(res, found, folder, settings, tables)
-
-
-def zs_lists(zs: dict[int, dict[str, float]], orders: dict[int, list[str]], n: int) -> dict[int, list[float]]:
-    return {s: [zs[s][name] for name in orders[s][:n]] for s in zs}
