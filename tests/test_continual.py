@@ -16,7 +16,7 @@ from chronomerge.merge import (
     merge,
     save_merger,
 )
-from chronomerge.merge.opcm import PAPER, _project_tensor, is_projected, project, split_rank
+from chronomerge.merge.opcm import PAPER, is_projected, project, project_all, project_batch, split_rank
 from chronomerge.store import CheckpointStore
 from conftest import perturb
 
@@ -73,6 +73,62 @@ def test_reduced_svd_projection_equals_the_full_matrix_sum():
     assert torch.allclose(project(delta, merged, 0.5, zero_diagonal=True), full, atol=1e-10)
 
 
+def reference_projection(delta, merged, alpha, projection, rank_rule):
+    """One matrix, written out from a full SVD: coefficients Y = Uᵀ·ΔW·V, then zero the protected
+    ones ("block": Y[:r, :r]; "eq5": rows and columns < r) and the diagonal from r on."""
+    u, s, vh = torch.linalg.svd(merged.double(), full_matrices=True)
+    r = split_rank(s, alpha, rank_rule)
+    y = u.T @ delta.double() @ vh.T
+    if projection == "block":
+        y[:r, :r] = 0
+    else:
+        y[:r, :] = 0
+        y[:, :r] = 0
+    d = torch.arange(r, min(y.shape))
+    y[d, d] = 0
+    return (u @ y @ vh).to(delta.dtype)
+
+
+@pytest.mark.parametrize("projection,rank_rule", [("eq5", "eq5"), ("block", "released")])
+def test_batched_projection_of_a_model_equals_the_per_matrix_reference(tiny_base, projection, rank_rule):
+    """`project_all` groups same-shaped matrices into batches, each with its own rank r; it must give,
+    to fp32 tolerance, what a loop of full SVDs gives matrix by matrix (q, k and v as blocks)."""
+    g = torch.Generator().manual_seed(21)
+    keys = [k for k in tiny_base if tiny_base[k].dtype.is_floating_point]
+
+    def spectrum(shape, decay):  # well-separated singular values, so that fp32 resolves every direction
+        k = min(shape)
+        q1, q2 = (torch.linalg.qr(torch.randn(n, k, generator=g))[0] for n in shape)
+        return q1 @ torch.diag(torch.exp(-decay * torch.arange(k) / k)) @ q2.T
+
+    # merged deltas of different spectra, so that the matrices of one batch get different ranks r
+    prev = {k: spectrum(tiny_base[k].shape, (0.5, 2.0, 6.0)[i % 3]) if is_projected(k, tiny_base[k].shape, "all")
+            else torch.randn(tiny_base[k].shape, generator=g) for i, k in enumerate(keys)}
+    tau = {k: torch.randn(tiny_base[k].shape, generator=g) for k in keys}
+    hp = {**OPCM(tiny_base, projection=projection, rank_rule=rank_rule).hp}
+    out = project_all(tau, prev, hp)
+    ranks = set()
+    for k in keys:
+        if not is_projected(k, tuple(tau[k].shape), hp["matrices"]):
+            assert out[k] is tau[k]
+            continue
+        n = 3 if k.endswith("in_proj_weight") else 1
+        for t, p, o in zip(tau[k].chunk(n), prev[k].chunk(n), out[k].chunk(n)):
+            ranks.add(split_rank(torch.linalg.svdvals(p.double()), hp["alpha"], rank_rule))
+            ref = reference_projection(t, p, hp["alpha"], projection, rank_rule)
+            assert float((o - ref).abs().max()) < 1e-4 * float(ref.abs().max()), k
+    assert len(ranks) > 1  # the batches really mixed ranks
+
+
+def test_a_batch_member_with_a_zero_merged_delta_stays_unprojected():
+    g = torch.Generator().manual_seed(4)
+    merged = torch.randn(3, 6, 5, generator=g)
+    merged[1] = 0
+    delta = torch.randn(3, 6, 5, generator=g)
+    out = project_batch(delta, merged, 0.5)
+    assert torch.equal(out[1], delta[1]) and not torch.allclose(out[0], delta[0])
+
+
 def test_without_zero_diagonal_the_projection_keeps_the_diagonal_terms():
     g = torch.Generator().manual_seed(3)
     merged, delta = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
@@ -106,10 +162,10 @@ def test_linear_convention_projects_q_k_v_as_separate_matrices(tiny_base):
     g = torch.Generator().manual_seed(12)
     tau, prev = (torch.randn(tiny_base[key].shape, generator=g) for _ in range(2))
     hp = {**OPCM(tiny_base).hp}
-    out = _project_tensor(key, tau, prev, hp)
+    out = project_all({key: tau}, {key: prev}, hp)[key]
     for i, (t, p) in enumerate(zip(tau.chunk(3), prev.chunk(3))):
         assert torch.allclose(out.chunk(3)[i], project(t, p, 0.5, True, "block", "released"), atol=1e-5)
-    fused = _project_tensor(key, tau, prev, {**hp, "matrices": "all"})
+    fused = project_all({key: tau}, {key: prev}, {**hp, "matrices": "all"})[key]
     assert not torch.allclose(out, fused, atol=1e-3)
 
 
@@ -119,11 +175,8 @@ def opcm_run(base, experts, **hp):
     projections, lams, outs = [], [], []
     for e in experts:
         prev = None if m.delta is None else {k: v.clone() for k, v in m.delta.items()}
-        proj = {}
-        for k in base:
-            tau = e[k].float() - base[k].float()
-            proj[k] = tau if prev is None else _project_tensor(k, tau, prev[k], m.hp)
-        projections.append(proj)
+        tau = {k: e[k].float() - base[k].float() for k in base}
+        projections.append(tau if prev is None else project_all(tau, prev, m.hp))
         outs.append(m.update(e))
         lams.append(m.lam)
     return m, projections, lams, outs

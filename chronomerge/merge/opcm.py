@@ -41,6 +41,9 @@ A zero ΔW_merged (a tensor nothing has changed yet) leaves X unprojected.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -62,46 +65,81 @@ def is_projected(key: str, shape: tuple[int, ...], matrices: str = "linear") -> 
     return matrices == "all" or key.endswith(_LINEAR_SUFFIXES)
 
 
-def split_rank(s: torch.Tensor, alpha: float, rule: str = "eq5") -> int:
-    """r: the number of leading singular directions protected (see `rank_rule` in the module docstring)."""
-    total = float(s.sum())
+def split_ranks(s: torch.Tensor, alpha: float, rule: str = "eq5") -> torch.Tensor:
+    """r for each row of singular values `s` (… × k, descending): the number of leading singular
+    directions protected (see `rank_rule` in the module docstring). Shares are taken in float64."""
+    s = s.double()
+    cum = torch.cumsum(s, -1)
+    total = cum[..., -1:]
     if rule == "released":
-        share = torch.cumsum(s, 0) / total
-        return int((share > alpha).float().argmax())
+        return (cum / total.clamp(min=torch.finfo(s.dtype).tiny) > alpha).double().argmax(-1)
     target = alpha * total
-    if target <= 0:
-        return 0
-    return min(int((torch.cumsum(s, 0) < target).sum()) + 1, s.numel())
+    r = ((cum < target).sum(-1) + 1).clamp(max=s.shape[-1])
+    return torch.where(target[..., 0] > 0, r, torch.zeros_like(r))
+
+
+def split_rank(s: torch.Tensor, alpha: float, rule: str = "eq5") -> int:
+    """r for one vector of singular values (see `split_ranks`)."""
+    return int(split_ranks(s[None], alpha, rule)[0])
+
+
+def project_batch(delta: torch.Tensor, merged: torch.Tensor, alpha: float, zero_diagonal: bool = True,
+                  projection: str = "eq5", rank_rule: str = "eq5") -> torch.Tensor:
+    """P(ΔW_t) for a batch of same-shaped matrices (B × m × n) against the singular subspaces of
+    the matching ΔW_merged, via one batched reduced SVD (module docstring). Each matrix has its own
+    rank r (a mask, not a slice, so one set of batched products serves the whole batch):
+    C = Uᵀ·ΔW_t·V holds every coefficient ⟨ΔW_t, u_i v_jᵀ⟩; "block" subtracts U (C ⊙ [i, j < r]) Vᵀ,
+    "eq5" applies (I − U_r U_rᵀ) · (I − V_r V_rᵀ); the diagonal terms i ≥ r are C_ii."""
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    k = s.shape[-1]
+    top = (torch.arange(k, device=s.device) < split_ranks(s, alpha, rank_rule)[:, None]).to(delta.dtype)  # B × k
+    v = vh.mT
+    if projection == "eq5":
+        ur, vr = u * top[:, None, :], v * top[:, None, :]
+        a = delta - ur @ (ur.mT @ delta)
+        out = a - (a @ vr) @ vr.mT
+        diag = (u * (delta @ v)).sum(1) if zero_diagonal else None
+    else:
+        c = u.mT @ delta @ v
+        out = delta - u @ (c * (top[:, :, None] * top[:, None, :])) @ vh
+        diag = torch.diagonal(c, dim1=-2, dim2=-1) if zero_diagonal else None
+    if diag is not None:
+        out = out - (u * (diag * (1 - top))[:, None, :]) @ vh
+    untouched = s.sum(-1) == 0  # nothing has changed this tensor yet: X stays unprojected
+    return torch.where(untouched[:, None, None], delta, out)
 
 
 def project(delta: torch.Tensor, merged: torch.Tensor, alpha: float, zero_diagonal: bool = True,
             projection: str = "eq5", rank_rule: str = "eq5") -> torch.Tensor:
-    """P(ΔW_t) against the singular subspace of ΔW_merged, via a reduced SVD (module docstring)."""
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
-    if float(s.sum()) == 0.0:
-        return delta
-    r = split_rank(s, alpha, rank_rule)
-    ur, vr = u[:, :r], vh[:r].T
-    ut_d = ur.T @ delta
-    block = ur @ (ut_d @ vr) @ vr.T
-    if projection == "eq5":
-        out = delta - ur @ ut_d - (delta @ vr) @ vr.T + block
-    else:
-        out = delta - block
-    if zero_diagonal and r < s.numel():
-        uk, vk = u[:, r:], vh[r:].T
-        diag = (uk * (delta @ vk)).sum(0)
-        out = out - (uk * diag) @ vk.T
-    return out
+    """P(ΔW_t) of one matrix (see `project_batch`)."""
+    return project_batch(delta[None], merged[None], alpha, zero_diagonal, projection, rank_rule)[0]
 
 
-def _project_tensor(key: str, tau: torch.Tensor, prev: torch.Tensor, hp: dict) -> torch.Tensor:
-    if not is_projected(key, tuple(tau.shape), hp["matrices"]):
-        return tau
+def _blocks(key: str, t: torch.Tensor, matrices: str) -> list[torch.Tensor]:
+    """The matrices a projected parameter is projected as: q, k and v separately under "linear"."""
+    if matrices == "linear" and key.endswith("in_proj_weight") and t.shape[0] % 3 == 0:
+        return list(t.chunk(3))
+    return [t]
+
+
+def project_all(tau: Mapping[str, torch.Tensor], prev: Mapping[str, torch.Tensor], hp: Mapping[str, Any]
+                ) -> dict[str, torch.Tensor]:
+    """P applied to every projected parameter of a model (others unchanged): the matrices are
+    grouped by shape, and each group is decomposed and projected as one batch."""
     args = (hp["alpha"], hp["zero_diagonal"], hp["projection"], hp["rank_rule"])
-    if hp["matrices"] == "linear" and key.endswith("in_proj_weight") and tau.shape[0] % 3 == 0:
-        return torch.cat([project(t, p, *args) for t, p in zip(tau.chunk(3), prev.chunk(3))])
-    return project(tau, prev, *args)
+    keys = [k for k in tau if is_projected(k, tuple(tau[k].shape), hp["matrices"])]
+    groups: dict[tuple[int, ...], list[tuple[str, int]]] = defaultdict(list)
+    blocks = {k: (_blocks(k, tau[k], hp["matrices"]), _blocks(k, prev[k], hp["matrices"])) for k in keys}
+    for k in keys:
+        for j, b in enumerate(blocks[k][0]):
+            groups[tuple(b.shape)].append((k, j))
+    done: dict[str, list[torch.Tensor | None]] = {k: [None] * len(blocks[k][0]) for k in keys}
+    for members in groups.values():
+        out = project_batch(torch.stack([blocks[k][0][j] for k, j in members]),
+                            torch.stack([blocks[k][1][j] for k, j in members]), *args)
+        for (k, j), o in zip(members, out):
+            done[k][j] = o
+    return {k: (torch.cat(done[k]) if k in done else v) for k, v in tau.items()}
 
 
 class OPCM(ContinualMerger):
@@ -125,22 +163,15 @@ class OPCM(ContinualMerger):
     def _step(self, model, **extras):
         dev = torch.device(self.device) if self.device is not None else default_device()
         keys = [k for k in self.base if self.base[k].dtype.is_floating_point]
-        combined: dict[str, torch.Tensor] = {}
-        sq_tau = sq_proj = sq_comb = 0.0
-        for k in keys:
-            b = self.base[k].to(dev, torch.float32)
-            tau = model[k].to(dev, torch.float32) - b
-            if self.delta is None:
-                proj, comb = tau, tau
-            else:
-                prev = self.delta[k].to(dev)
-                proj = _project_tensor(k, tau, prev, self.hp)
-                comb = self.lam * prev + proj
-            sq_tau += float(tau.double().pow(2).sum())
-            sq_proj += float(proj.double().pow(2).sum())
-            sq_comb += float(comb.double().pow(2).sum())
-            combined[k] = comb.cpu()
-        proj_norm = math.sqrt(sq_proj)
+        tau = {k: model[k].to(dev, torch.float32) - self.base[k].to(dev, torch.float32) for k in keys}
+        if self.delta is None:
+            proj, combined = tau, tau
+        else:
+            prev = {k: self.delta[k].to(dev) for k in keys}
+            proj = project_all(tau, prev, self.hp)
+            combined = {k: self.lam * prev[k] + proj[k] for k in keys}
+        sq = lambda d: sum(float(v.double().pow(2).sum()) for v in d.values())  # noqa: E731
+        sq_tau, proj_norm, sq_comb = sq(tau), math.sqrt(sq(proj)), sq(combined)
         n_t = math.sqrt(sq_tau) if self.hp["norm"] == "raw" else proj_norm
         if self.delta is None:
             lam, self.nbar = 1.0, n_t
@@ -151,7 +182,7 @@ class OPCM(ContinualMerger):
             else:
                 lam = math.sqrt(sq_comb) / self.nbar if self.nbar > 0 else 1.0
         self.lam, self.last_projection_norm = lam, proj_norm
-        self.delta = {k: v / lam for k, v in combined.items()}
+        self.delta = {k: (v / lam).cpu() for k, v in combined.items()}
         merged = {k: (self.base[k].float() + self.delta[k]).to(self.base[k].dtype) for k in keys}
         merged.update({k: self.base[k].clone() for k in self.base if k not in merged})
         return merged
