@@ -239,3 +239,35 @@ def test_selection_is_exact_including_ties(seed, n, frac, largest, levels):
     if 0 < k < n:
         chosen, rest = x[mask], x[~mask]
         assert (chosen.min() >= rest.max()) if largest else (chosen.max() <= rest.min())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), keep=st.floats(0.001, 1.0), levels=st.sampled_from([2, 50, 0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), scope=st.sampled_from(["tensor", "model"]))
+def test_batched_ties_trim_keeps_exactly_the_reference_entries(seed, keep, levels, dtype, scope):
+    """`select_top` over many tensors at once (segmented radix select) keeps, per tensor, exactly the
+    entries a per-tensor sort keeps: the ceil(keep·n) largest |τ|, ties in index order; with one
+    model-wide threshold, every entry ≥ the k-th largest of the whole model."""
+    from chronomerge.merge.sparsify import keep_top, select_top
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 3, 17, 1000, 40_000, 5]
+    taus = [torch.randn(n, generator=g, dtype=dtype) for n in sizes]
+    if levels:
+        taus = [(t * levels).round() / levels for t in taus]  # many ties, zeros included
+    taus[-1] = torch.zeros(5, dtype=dtype)  # a tensor nothing changed
+    kept = [keep_top(t, s) for t, s in zip(taus, select_top([t.abs() for t in taus], keep, scope))]
+    if scope == "model":
+        everything = torch.cat([t.abs() for t in taus])
+        k = math.ceil(keep * everything.numel())
+        thr = everything.sort(descending=True).values[k - 1]
+        expected = [torch.where(t.abs() >= thr, t, torch.zeros_like(t)) for t in taus]
+    else:
+        expected = []
+        for t in taus:
+            k = math.ceil(keep * t.numel())
+            order = torch.sort(t.abs(), descending=True, stable=True).indices[:k]  # ties: index order
+            e = torch.zeros_like(t)
+            e[order] = t[order]
+            expected.append(e)
+    for t, got, want in zip(taus, kept, expected):
+        assert torch.equal(got, want), (t.numel(), keep)

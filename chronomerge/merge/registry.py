@@ -37,23 +37,27 @@ class Technique:
     prepare: Callable[..., dict[str, dict]] | None = None
 
 
-def _prepare_model_thresholds(keys, base, models, hp, device) -> dict[str, dict]:
-    """TIES scope="model": one |τ_i| threshold per model over all its tensors (one model at a time)."""
-    if hp.get("scope") != "model":
-        return {}
-    thresholds = []
+def _prepare_top(keys, base, models, hp, device) -> dict[str, dict]:
+    """TIES trim: every tensor's selection (`sparsify.select_top`), one model at a time, in one
+    batched pass per model and compute dtype."""
+    groups: dict[torch.dtype, list[str]] = {}
+    for k in keys:
+        if dtype_of(base, k).is_floating_point:
+            groups.setdefault(torch.float64 if dtype_of(base, k) == torch.float64 else torch.float32, []).append(k)
+    prep: dict[str, dict] = {k: {"selection": []} for ks in groups.values() for k in ks}
     for m in models:
-        flat = torch.cat([(m[k].to(device, torch.float32) - base[k].to(device, torch.float32)).abs().reshape(-1).cpu()
-                          for k in keys if dtype_of(base, k).is_floating_point])
-        thresholds.append(sp.model_threshold(flat, hp["keep"]))
-        del flat
-    return {k: {"thresholds": thresholds} for k in keys}
+        for cdt, ks in groups.items():
+            taus = [(m[k].to(device, cdt) - base[k].to(device, cdt)).abs() for k in ks]
+            for k, sel in zip(ks, sp.select_top(taus, hp["keep"], hp["scope"])):
+                prep[k]["selection"].append(sel)
+            del taus
+    return prep
 
 
 def _prepare_lines(keys, base, models, hp, device) -> dict[str, dict]:
-    """LiNeS: λ_l per key (alpha=None means 1/K), plus TIES thresholds when over TIES, scope=model."""
+    """LiNeS: λ_l per key (alpha=None means 1/K), plus the TIES trims when over TIES."""
     alpha = 1.0 / len(models) if hp["alpha"] is None else hp["alpha"]
-    prep = _prepare_model_thresholds(keys, base, models, hp, device) if hp["over"] == "ties" else {}
+    prep = _prepare_top(keys, base, models, hp, device) if hp["over"] == "ties" else {}
     return {k: {**prep.get(k, {}), "lines_scale": s} for k, s in layer_scales(keys, alpha, hp["beta"]).items()}
 
 
@@ -73,7 +77,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("ties", tq.task_vector_rule("top", elect=True), {"keep": KEEP, "scale": scale(1.0), "scope": SCOPE,
                                                                     "aggregate": AGGREGATE},
               "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean",
-              prepare=_prepare_model_thresholds),
+              prepare=_prepare_top),
     Technique("dare", tq.task_vector_rule("dare", elect=False), {**_DARE, "scale": scale(0.3)},
               "DARE (Yu et al. 2024) + task arithmetic", weighted=True),
     Technique("dare_ties", tq.task_vector_rule("dare", elect=True), {**_DARE, "scale": scale(1.0), "aggregate": AGGREGATE},

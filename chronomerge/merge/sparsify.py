@@ -1,7 +1,8 @@
 """The sparsify slot of the task-vector pipeline: which entries of a task vector τ_i survive.
 
 Every function takes τ (one tensor of one model) and returns a tensor of the same shape with the
-dropped entries set to zero. Conventions chronomerge takes (public code disagrees on them):
+dropped entries set to zero; the TIES trim's selections are found for all of a model's tensors at
+once (`select_top`). Conventions chronomerge takes (public code disagrees on them):
 
 * `keep_top`: `keep` is the fraction *kept* (TIES "top-k 20%" is keep=0.2), not the fraction
   dropped; per tensor exactly k = ceil(keep·n) entries survive (ties broken by index), so a
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -72,19 +75,92 @@ def topk_mask(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tenso
     return mask.view(scores.shape)
 
 
-def keep_top(tau: torch.Tensor, keep: float, threshold: float | None = None) -> torch.Tensor:
-    """TIES trim (Yadav et al. 2023, step 1): keep the top `keep` fraction of |τ|."""
+@dataclass(frozen=True)
+class Selection:
+    """Which entries of one tensor's |τ| a TIES trim keeps: those above `threshold`, and of those
+    equal to it the first `ties` in index order (all of them when `ties` is None)."""
+    threshold: float
+    ties: int | None = None
+
+
+def select_top(abs_values: Sequence[torch.Tensor], keep: float, scope: str = "tensor") -> list[Selection]:
+    """The TIES trims of one model's tensors (all |τ| of one dtype and device), found in one
+    batched pass: per tensor exactly k = ceil(keep·n) entries (scope "tensor"), or one model-wide
+    threshold over every entry, ties kept (scope "model").
+
+    Exact segmented radix select: non-negative floats order as their bit patterns, so each tensor's
+    k-th largest value is found 16 bits at a time from the top, one histogram over all tensors per
+    digit (`torch.bincount` on segment · 2¹⁶ + digit), each round keeping only the entries whose
+    prefix matches the selected one. No per-tensor host sync; the cost is a few passes over the
+    model, like averaging it.
+    """
+    sizes = [t.numel() for t in abs_values]
+    flat = torch.cat([t.reshape(-1) for t in abs_values])
+    if scope == "model":
+        sizes = [flat.numel()]
+    n = torch.tensor(sizes, dtype=torch.int64, device=flat.device)
+    k = torch.ceil(keep * n.double()).long().clamp(1, None).minimum(n)
+    value, greater, equal = _segmented_kth_largest(flat, sizes, k)
+    if scope == "model":
+        return [Selection(float(value[0]))] * len(abs_values)
+    ties = (k - greater).tolist()
+    return [Selection(v, None if t == e else t) for v, t, e in zip(value.tolist(), ties, equal.tolist())]
+
+
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def _segmented_kth_largest(flat: torch.Tensor, sizes: Sequence[int], k: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per contiguous segment of `flat` (non-negative floats): its k-th largest value, how many
+    entries exceed it and how many equal it. Integer work in int32 (int64 for float64 only)."""
+    bits = torch.finfo(flat.dtype).bits
+    idt = torch.int64 if bits == 64 else torch.int32
+    dev = flat.device
+    keys = flat.view(_INT_OF[flat.dtype]).to(idt)  # no copy for float32 / float64
+    n_seg = len(sizes)
+    first = torch.arange(n_seg, dtype=idt, device=dev) * 65536
+    prefix = torch.zeros(n_seg, dtype=torch.int64, device=dev)
+    greater = torch.zeros_like(prefix)
+    rest = k.to(dev).clone()
+    sizes = list(sizes)  # entries still in play, per segment (contiguous, in segment order)
+    for shift in range(bits - 16, -1, -16):
+        bins = keys >> shift  # this digit, then offset by 2¹⁶ per segment: one histogram for all
+        if shift + 16 < bits:
+            bins &= 0xFFFF
+        start = 0
+        for i, n in enumerate(sizes):
+            if i and n:
+                bins[start:start + n].add_(i * 65536)
+            start += n
+        hist = torch.bincount(bins, minlength=n_seg * 65536).view(n_seg, 65536)
+        above = hist.flip(1).cumsum(1)  # above[:, j]: entries whose digit is ≥ 65535 − j
+        full = (above < rest[:, None]).sum(1)  # the bins wholly above the k-th entry
+        chosen = 65535 - full
+        passed = above.gather(1, (full - 1).clamp(min=0)[:, None])[:, 0] * (full > 0)
+        greater += passed
+        rest -= passed
+        prefix = (prefix << 16) | chosen
+        equal = hist.gather(1, chosen[:, None])[:, 0]
+        if shift:  # keep the entries in each segment's chosen bin (they stay grouped by segment)
+            picked = torch.zeros(n_seg * 65536, dtype=torch.bool, device=dev)
+            picked[first + chosen] = True
+            keys = keys[picked[bins]]
+            sizes = equal.tolist()
+    value = prefix.to(_INT_OF[flat.dtype]).view(flat.dtype)
+    return value, greater, equal
+
+
+def keep_top(tau: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """TIES trim (Yadav et al. 2023, step 1): keep the entries of |τ| that `selection` names."""
     a = tau.abs()
-    if threshold is not None:
-        return torch.where(a >= threshold, tau, torch.zeros_like(tau))
-    return torch.where(topk_mask(a, math.ceil(keep * tau.numel())), tau, torch.zeros_like(tau))
-
-
-def model_threshold(abs_values: torch.Tensor, keep: float) -> float:
-    """The |τ| threshold that keeps the top `keep` fraction of a whole model (TIES scope=model)."""
-    n = abs_values.numel()
-    k = math.ceil(keep * n)
-    return 0.0 if k >= n else float(_kth_value(abs_values.reshape(-1), k, largest=True))
+    if selection.ties is None:
+        mask = a >= selection.threshold
+    else:
+        at = a == selection.threshold
+        mask = (a > selection.threshold) | (at & (torch.cumsum(at.reshape(-1), 0).view(a.shape) <= selection.ties))
+    return torch.where(mask, tau, torch.zeros_like(tau))
 
 
 def dare_drop(tau: torch.Tensor, p: float, seed: int, key: str, index: int) -> torch.Tensor:

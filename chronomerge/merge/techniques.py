@@ -124,8 +124,7 @@ def fisher(job: TensorJob, hp: dict) -> torch.Tensor:
 def _sparsified(job: TensorJob, i: int, hp: dict, rule: str | None) -> torch.Tensor:
     tau = job.tau(i)
     if rule == "top":
-        thr = job.prep.get("thresholds")
-        return sp.keep_top(tau, hp["keep"], None if thr is None else thr[i])
+        return sp.keep_top(tau, job.prep["selection"][i])
     if rule == "dare":
         return sp.dare_drop(tau, hp["drop"], hp["seed"], job.key, i)
     if rule == "breadcrumbs":
