@@ -41,7 +41,7 @@ from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import get_tokenizer  # noqa: E402
+from chronomerge.models import TINY, arch_of, get_tokenizer  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import TrainConfig, train  # noqa: E402
 
@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train.* override of the default recipe, as `chronomerge run --set`")
+    p.add_argument("--width", type=int, help="capacity lever: both towers' width and embed_dim (embedded config: 64)")
+    p.add_argument("--layers", type=int, help="capacity lever: both towers' depth (embedded config: 2)")
     p.add_argument("--out", help="append the JSON line to this file")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
@@ -69,10 +71,11 @@ def main() -> None:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    base_id = ensure_base(store, args.data, args.seed, cfg=PRETRAIN)
+    arch = _arch(args.width, args.layers)
+    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=PRETRAIN)
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
-    base = load_model(store, base_id)
-    tok = get_tokenizer()
+    base = load_model(store, base_id, arch)
+    tok = get_tokenizer(arch)
     held_out = {d.name: load_split(args.data, d.name, "test") for d in catalog.EVALUATION}
     tasks = build_stream("dataset-incremental", args.tasks, args.seed)
     train_sets = [task_split(args.data, t, "train") for t in tasks]
@@ -80,7 +83,7 @@ def main() -> None:
     adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
     zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
     zs = summarize(zs_scores, list(adaptation), list(held_out))
-    out = {"seed": args.seed, "base": base_id[:12], "recipe": raw["train"],
+    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], "recipe": raw["train"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
     cfg = TrainConfig(**raw["train"])
@@ -153,6 +156,20 @@ def main() -> None:
     if args.out:
         with open(args.out, "a") as f:
             f.write(line + "\n")
+
+
+def _arch(width: int | None, layers: int | None):
+    """The embedded config, or a variant of it at another width or depth (same preprocessing)."""
+    if width is None and layers is None:
+        return TINY
+    a = copy.deepcopy(arch_of(TINY))
+    c = a["config"]
+    if width is not None:
+        c["embed_dim"] = c["vision_cfg"]["width"] = c["text_cfg"]["width"] = width
+    if layers is not None:
+        c["vision_cfg"]["layers"] = c["text_cfg"]["layers"] = layers
+    a["name"] = f"{TINY}-w{c['embed_dim']}-l{c['vision_cfg']['layers']}"
+    return a
 
 
 def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float:

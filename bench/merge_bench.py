@@ -137,16 +137,21 @@ def child(args) -> None:
     files = sorted(Path(args.workdir).glob("expert-*.safetensors"))[: args.k]
     base = LazyStateDict.from_file(Path(args.workdir) / "base.safetensors")
     models = [LazyStateDict.from_file(p) for p in files]
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.init()  # the CUDA context's host memory counts before the merge, not in it
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
-    merge(args.technique, base, models if args.technique != "slerp" else models[:2], device="cpu")
+    merge(args.technique, base, models if args.technique != "slerp" else models[:2], device=args.device)
+    sync(args.device)
     secs = time.perf_counter() - t0
     peak = peak_rss_bytes()
-    print(json.dumps({"technique": args.technique, "k": args.k, "seconds": secs,
-                      "peak_rss_bytes": peak, "rss_before_merge_bytes": rss_before}))
+    print(json.dumps({"technique": args.technique, "k": args.k, "device": args.device, "seconds": secs,
+                      "peak_rss_bytes": peak, "rss_before_merge_bytes": rss_before,
+                      "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}))
 
 
-def bench_streamed(model: str, ks: list[int], techniques: list[str], workdir: Path) -> list[dict]:
+def bench_streamed(model: str, ks: list[int], techniques: list[str], workdir: Path, device: str = "cpu") -> list[dict]:
     base, experts = make_states(model, max(ks))
     size = model_bytes(base)
     save_file(base, workdir / "base.safetensors")
@@ -156,16 +161,18 @@ def bench_streamed(model: str, ks: list[int], techniques: list[str], workdir: Pa
     for name in techniques:
         for k in ks:
             out = subprocess.run([sys.executable, __file__, "--child", "--workdir", str(workdir), "--k", str(k),
-                                  "--technique", name, "--model", model], capture_output=True, text=True, check=True)
+                                  "--technique", name, "--model", model, "--stream-device", device],
+                                 capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["model_bytes"] = size
             row["peak_rss_over_model"] = row["peak_rss_bytes"] / size
             row["merge_rss_increase_bytes"] = row["peak_rss_bytes"] - row["rss_before_merge_bytes"]
             rows.append(row)
-            print(f"stream K={k} {name:17s} {row['seconds']:8.2f} s  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+            print(f"stream {device} K={k} {name:17s} {row['seconds']:8.2f} s  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
                   f" = {row['peak_rss_over_model']:.2f}x model ({size / 2**30:.2f} GiB);"
                   f" (torch alone {row['rss_before_merge_bytes'] / 2**30:.2f} GiB, merge adds"
-                  f" {row['merge_rss_increase_bytes'] / size:.2f}x model)", flush=True)
+                  f" {row['merge_rss_increase_bytes'] / size:.2f}x model)"
+                  + (f"; GPU peak {row['cuda_peak_bytes'] / 2**30:.2f} GiB" if row["cuda_peak_bytes"] else ""), flush=True)
     return rows
 
 
@@ -180,11 +187,13 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["techniques", "opcm", "stream"])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--stream-device", default="cpu", help="device of the streamed merges (cpu or cuda)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--technique", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.k = args.k[0]
+        args.device = args.stream_device
         return child(args)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     results = {"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -200,7 +209,7 @@ def main() -> None:
             results["opcm"].append(bench_opcm(args.model, dev, args.repeat))
     if "stream" not in args.skip:
         with tempfile.TemporaryDirectory(dir=args.workdir) as d:
-            results["stream"] = bench_streamed(args.model, args.k, args.stream_techniques, Path(d))
+            results["stream"] = bench_streamed(args.model, args.k, args.stream_techniques, Path(d), args.stream_device)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

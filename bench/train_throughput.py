@@ -57,6 +57,44 @@ def bare_loop(model, images, tokens, batch, steps, device, compile_):
     return (steps - skip) * batch / (time.perf_counter() - t0)
 
 
+def encode_rate(model, images: np.ndarray, dev: torch.device, n: int) -> float:
+    """Images per second of `encode_images` (the evaluation path) over n images, after a warm-up."""
+    model.eval()
+    encode_images(model, images[:256], dev)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = max(1, -(-n // len(images)))
+    encode_images(model, np.concatenate([images] * reps)[:n], dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def measure(model_name: str, batch: int, steps: int, dev: torch.device, compile_: bool,
+            image_size: int | None = None, encode: int = 4096) -> dict:
+    """The bare loop and chronomerge's loop on the same synthetic data, then the encoding rate."""
+    tok = get_tokenizer(model_name)
+    size = create_model(model_name).visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    rng = np.random.default_rng(0)
+    n = 2 * batch
+    stored = image_size or size
+    images = rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8)
+    captions = [f"a photo of object {i % 97} number {i}" for i in range(n)]
+    split = Split(images, np.zeros(n, np.int64), [], [], captions)
+    bare = bare_loop(create_model(model_name), torch.from_numpy(images).to(dev), tok(captions).to(dev),
+                     batch, steps, dev, compile_)
+    model = create_model(model_name)
+    res = train(model, split, TrainConfig(steps=steps, batch_size=batch, compile=compile_, lr=1e-4),
+                tokenizer=tok, device=dev)
+    enc = encode_rate(model, images, dev, max(encode, 1))
+    return {"model": model_name, "device": str(dev), "batch": batch, "compile": compile_,
+            "stored_size": stored, "input_size": size,
+            "bare_img_per_s": round(bare, 1), "chronomerge_img_per_s": round(res.images_per_second, 1),
+            "ratio": round(res.images_per_second / bare, 3), "encode_img_per_s": round(enc, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-16")
@@ -69,34 +107,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device(args.device)
     compile_ = dev.type == "cuda" and not args.no_compile
-    tok = get_tokenizer(args.model)
-    size = create_model(args.model).visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    rng = np.random.default_rng(0)
-    n = 2 * args.batch
-    stored = args.image_size or size
-    images = rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8)
-    captions = [f"a photo of object {i % 97} number {i}" for i in range(n)]
-    split = Split(images, np.zeros(n, np.int64), [], [], captions)
-    bare = bare_loop(create_model(args.model), torch.from_numpy(images).to(dev), tok(captions).to(dev),
-                     args.batch, args.steps, dev, compile_)
-    model = create_model(args.model)
-    res = train(model, split, TrainConfig(steps=args.steps, batch_size=args.batch, compile=compile_, lr=1e-4),
-                tokenizer=tok, device=dev)
-    model.eval()
-    encode_images(model, images[:256], dev)  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    reps = max(1, args.encode // n)
-    encode_images(model, np.concatenate([images] * reps)[:max(args.encode, 1)], dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    enc = min(reps * n, max(args.encode, 1)) / (time.perf_counter() - t0)
-    print(json.dumps({"model": args.model, "device": str(dev), "batch": args.batch, "compile": compile_,
-                      "stored_size": stored, "input_size": size,
-                      "bare_img_per_s": round(bare, 1), "chronomerge_img_per_s": round(res.images_per_second, 1),
-                      "ratio": round(res.images_per_second / bare, 3), "encode_img_per_s": round(enc, 1)}))
+    print(json.dumps(measure(args.model, args.batch, args.steps, dev, compile_, args.image_size, args.encode)))
 
 
 if __name__ == "__main__":

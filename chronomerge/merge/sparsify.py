@@ -89,8 +89,8 @@ def select_top(abs_values: Sequence[torch.Tensor], keep: float, scope: str = "te
     threshold over every entry, ties kept (scope "model").
 
     Exact segmented radix select: non-negative floats order as their bit patterns, so each tensor's
-    k-th largest value is found 16 bits at a time from the top, one histogram over all tensors per
-    digit (`torch.bincount` on segment · 2¹⁶ + digit), each round keeping only the entries whose
+    k-th largest value is found 11 bits at a time from the top, one histogram over all tensors per
+    digit (`torch.bincount` on segment · 2¹¹ + digit), each round keeping only the entries whose
     prefix matches the selected one. No per-tensor host sync; the cost is a few passes over the
     model, like averaging it.
     """
@@ -111,6 +111,9 @@ _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16
            torch.bfloat16: torch.int16}
 
 
+_DIGIT = 11  # bits per radix round: 2048 bins per tensor keeps the histograms small for any model
+
+
 def _segmented_kth_largest(flat: torch.Tensor, sizes: Sequence[int], k: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per contiguous segment of `flat` (non-negative floats): its k-th largest value, how many
@@ -119,32 +122,31 @@ def _segmented_kth_largest(flat: torch.Tensor, sizes: Sequence[int], k: torch.Te
     idt = torch.int64 if bits == 64 else torch.int32
     dev = flat.device
     keys = flat.view(_INT_OF[flat.dtype]).to(idt)  # no copy for float32 / float64
-    n_seg = len(sizes)
-    first = torch.arange(n_seg, dtype=idt, device=dev) * 65536
+    n_seg, width = len(sizes), 1 << _DIGIT
+    first = torch.arange(n_seg, dtype=idt, device=dev) * width
     prefix = torch.zeros(n_seg, dtype=torch.int64, device=dev)
     greater = torch.zeros_like(prefix)
     rest = k.to(dev).clone()
     sizes = list(sizes)  # entries still in play, per segment (contiguous, in segment order)
-    for shift in range(bits - 16, -1, -16):
-        bins = keys >> shift  # this digit, then offset by 2¹⁶ per segment: one histogram for all
-        if shift + 16 < bits:
-            bins &= 0xFFFF
+    shifts = list(range(bits - _DIGIT, 0, -_DIGIT)) + [0]
+    for shift, top in zip(shifts, [bits] + shifts):
+        bins = (keys >> shift) & ((1 << (top - shift)) - 1)  # this digit, offset per segment below
         start = 0
         for i, n in enumerate(sizes):
             if i and n:
-                bins[start:start + n].add_(i * 65536)
+                bins[start:start + n].add_(i * width)
             start += n
-        hist = torch.bincount(bins, minlength=n_seg * 65536).view(n_seg, 65536)
-        above = hist.flip(1).cumsum(1)  # above[:, j]: entries whose digit is ≥ 65535 − j
+        hist = torch.bincount(bins, minlength=n_seg * width).view(n_seg, width)
+        above = hist.flip(1).cumsum(1)  # above[:, j]: entries whose digit is ≥ width − 1 − j
         full = (above < rest[:, None]).sum(1)  # the bins wholly above the k-th entry
-        chosen = 65535 - full
+        chosen = width - 1 - full
         passed = above.gather(1, (full - 1).clamp(min=0)[:, None])[:, 0] * (full > 0)
         greater += passed
         rest -= passed
-        prefix = (prefix << 16) | chosen
+        prefix = (prefix << (top - shift)) | chosen
         equal = hist.gather(1, chosen[:, None])[:, 0]
         if shift:  # keep the entries in each segment's chosen bin (they stay grouped by segment)
-            picked = torch.zeros(n_seg * 65536, dtype=torch.bool, device=dev)
+            picked = torch.zeros(n_seg * width, dtype=torch.bool, device=dev)
             picked[first + chosen] = True
             keys = keys[picked[bins]]
             sizes = equal.tolist()
