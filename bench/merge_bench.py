@@ -100,14 +100,14 @@ def naive_opcm_step(tau: dict, prev: dict, alpha: float = 0.5) -> None:
         _ = u @ coef @ vh
 
 
-def bench_opcm(model: str, device: str, repeat: int) -> dict:
+def bench_opcm(model: str, device: str, repeat: int, hparams: dict | None = None) -> dict:
     base, experts = make_states(model, 2, device)
     vis = lambda sd: {k: v for k, v in sd.items() if k.startswith("visual.")}  # noqa: E731
     vb, e1, e2 = vis(base), vis(experts[0]), vis(experts[1])
     n_proj = sum(is_projected(k, tuple(v.shape)) for k, v in vb.items())
 
     def step():
-        m = OPCM(vb, device=device)
+        m = OPCM(vb, device=device, **(hparams or {}))
         m.update(e1)
         t0 = time.perf_counter()
         m.update(e2)
