@@ -135,6 +135,10 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
     staged = [(torch.from_numpy(np.ascontiguousarray(src.images)).to(dev),
                tokenizer(list(src.captions)).to(dev) if cfg.mode == "clip" else None,
                torch.from_numpy(np.asarray(src.labels)).to(dev), k) for (src, _), k in zip(sources, counts) if k]
+    # Every step's batch indices, drawn in step order up front and moved to the device at once: a
+    # per-step copy from pageable host memory would make the host wait for the device every step.
+    draws = [[_batch_indices(len(imgs), k, gen) for imgs, _, _, k in staged] for _ in range(cfg.steps)]
+    indices = [torch.stack([d[j] for d in draws]).to(dev) for j in range(len(staged))]
     pp = preprocess_of(model)
     model.train()
     losses = []
@@ -147,7 +151,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
             t_steady = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        picks = [(imgs, toks, labels, _batch_indices(len(imgs), k, gen).to(dev)) for imgs, toks, labels, k in staged]
+        picks = [(imgs, toks, labels, idx[step]) for (imgs, toks, labels, _), idx in zip(staged, indices)]
         x = model_input(torch.cat([imgs[i] for imgs, _, _, i in picks]), pp)
         with (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and cfg.bf16
               else torch.autocast("cpu", enabled=False)):
