@@ -170,7 +170,7 @@ class OPCM(ContinualMerger):
             prev = {k: self.delta[k].to(dev) for k in keys}
             proj = project_all(tau, prev, self.hp)
             combined = {k: self.lam * prev[k] + proj[k] for k in keys}
-        sq = lambda d: sum(float(v.double().pow(2).sum()) for v in d.values())  # noqa: E731
+        sq = lambda d: float(torch.stack([v.double().pow(2).sum() for v in d.values()]).sum())  # noqa: E731  one sync
         sq_tau, proj_norm, sq_comb = sq(tau), math.sqrt(sq(proj)), sq(combined)
         n_t = math.sqrt(sq_tau) if self.hp["norm"] == "raw" else proj_norm
         if self.delta is None:
@@ -182,7 +182,10 @@ class OPCM(ContinualMerger):
             else:
                 lam = math.sqrt(sq_comb) / self.nbar if self.nbar > 0 else 1.0
         self.lam, self.last_projection_norm = lam, proj_norm
-        self.delta = {k: (v / lam).cpu() for k, v in combined.items()}
-        merged = {k: (self.base[k].float() + self.delta[k]).to(self.base[k].dtype) for k in keys}
+        delta = {k: v / lam for k, v in combined.items()}
+        self.delta = {k: v.cpu() for k, v in delta.items()}
+        # θ0 + Δθ_merged, computed where the work ran and returned where θ0 lives
+        merged = {k: (self.base[k].to(dev, torch.float32) + delta[k]).to(self.base[k].device, self.base[k].dtype)
+                  for k in keys}
         merged.update({k: self.base[k].clone() for k in self.base if k not in merged})
         return merged
