@@ -28,11 +28,19 @@ def _encode_batches(encode, items, device, batch_size: int) -> torch.Tensor:
 
 
 def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> torch.Tensor:
-    """Normalised image features; images (uint8 N×H×W×3, any size) go through the model's preprocessing."""
+    """Normalised image features; images (uint8 N×H×W×3, any size) go through the model's preprocessing.
+
+    On a GPU each batch is staged in pinned host memory and copied without blocking: a copy from
+    pageable memory would first wait for the device to finish the previous batch."""
     pp = preprocess_of(model)
-    return _encode_batches(
-        lambda x: model.encode_image(model_input(torch.from_numpy(np.ascontiguousarray(x)).to(device), pp),
-                                     normalize=True), images, device, batch_size)
+    cuda = torch.device(device).type == "cuda"
+
+    def to_device(x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+    return _encode_batches(lambda x: model.encode_image(model_input(to_device(x), pp), normalize=True),
+                           images, device, batch_size)
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 1024) -> torch.Tensor:
