@@ -2,7 +2,7 @@
 
 One epoch over the current task's images; only the visual projection (`visual.proj`) is updated, to
 minimise the L1 (or L2) distance between the merged model's image features and those of the
-previous merged model, which stays frozen (CMM, post-merge stage; ../shared/METHODS.md).
+previous merged model, which stays frozen (CMM, post-merge stage; docs/methods.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Evaluation: zero-shot classification, retrieval recall@5, A_KA / A_ZS / GM, ACC and BWT.
 
-Conventions (../shared/METHODS.md): A_KA is the mean score over the adaptation datasets, A_ZS over
+Conventions (docs/methods.md, "Metrics"): A_KA is the mean score over the adaptation datasets, A_ZS over
 the held-out evaluation datasets, a score being top-1 zero-shot accuracy or, for retrieval sets,
 the mean of image→text and text→image recall@5; GM = √(A_KA·A_ZS). With an accuracy matrix
 R[t][i] (score on task i after step t), ACC = mean_i R[T][i] and BWT = mean_{i<T} (R[T][i] − R[i][i]).

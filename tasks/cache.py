@@ -1,4 +1,5 @@
-"""Content-derived cache keys for stage tasks (../shared/DESIGN.md, "What travels between tasks").
+"""Content-derived cache keys for stage tasks. Only small values travel between stages (content ids,
+digests, metric dicts), never tensors.
 
 key = SHA-256(stage name, code version, inputs). The code version hashes the stage function's
 source and the core modules it depends on, so a change in a helper invalidates the stage

@@ -1,4 +1,4 @@
-"""Property tests of the merge techniques (../shared/METHODS.md) on random tensors and on a real
+"""Property tests of the merge techniques (docs/methods.md) on random tensors and on a real
 tiny open_clip state dict."""
 import math
 

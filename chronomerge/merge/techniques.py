@@ -3,7 +3,7 @@
 A rule asks for model i's tensor with `job.load(i)` as often as it needs, and never holds more
 than a few tensors at once, so memory does not grow with the number of merged models K. All
 arithmetic runs in float32 (float64 inputs stay float64) on the job's device.
-Notation (../shared/METHODS.md): θ0 base, θ_i model i, τ_i = θ_i − θ0, λ = `scale`.
+Notation (docs/methods.md): θ0 base, θ_i model i, τ_i = θ_i − θ0, λ = `scale`.
 """
 from __future__ import annotations
 
