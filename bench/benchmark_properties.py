@@ -112,7 +112,10 @@ def main() -> None:
                 drops.append(zs["A_ZS"] - a_zs(m))
             if t < MERGED:
                 clip_states.append({k: v.clone() for k, v in m.state_dict().items()})
-            log(f"expert {tasks[t].name}: gain {100 * gains[-1]:.1f}" + (f", A_ZS drop {100 * drops[-1]:.1f}" if drops else ""))
+            log(
+                f"expert {tasks[t].name}: gain {100 * gains[-1]:.1f}"
+                + (f", A_ZS drop {100 * drops[-1]:.1f}" if drops else "")
+            )
         if "experts" in parts:
             out.update(gain_min=100 * min(gains), gain_mean=100 * sum(gains) / n, a_zs_drop_mean=100 * sum(drops) / n,
                        gains=[round(100 * g, 1) for g in gains])

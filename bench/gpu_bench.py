@@ -93,7 +93,9 @@ def main() -> None:
     if "merge" not in args.skip:
         rows = merge_bench.bench_techniques(args.model, [8], args.device, ["average", "ties"], args.repeat)
         secs = {r["technique"]: r["seconds"] for r in rows}
-        out.update(average_k8_s=secs["average"], ties_k8_s=secs["ties"], ties_over_average=secs["ties"] / secs["average"])
+        out.update(
+            average_k8_s=secs["average"], ties_k8_s=secs["ties"], ties_over_average=secs["ties"] / secs["average"]
+        )
     if "opcm" not in args.skip:
         out["opcm_step_s"] = merge_bench.bench_opcm(args.model, args.device, args.repeat)["opcm_update_seconds"]
         out["opcm_step_eq5_s"] = merge_bench.bench_opcm(args.model, args.device, args.repeat,

@@ -49,7 +49,9 @@ def main() -> None:
 
 def measure(root: Path, args, text, vision, CLIPConfig, CLIPModel, CLIPVisionModel) -> dict:  # noqa: N803
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512)).save_pretrained(root / "base")
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512)
+    ).save_pretrained(root / "base")
     for i in range(args.experts):
         CLIPVisionModel(vision).save_pretrained(root / f"expert-{i}")
     store = CheckpointStore(root / "store")

@@ -168,11 +168,15 @@ def bench_streamed(model: str, ks: list[int], techniques: list[str], workdir: Pa
             row["peak_rss_over_model"] = row["peak_rss_bytes"] / size
             row["merge_rss_increase_bytes"] = row["peak_rss_bytes"] - row["rss_before_merge_bytes"]
             rows.append(row)
-            print(f"stream {device} K={k} {name:17s} {row['seconds']:8.2f} s  peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
-                  f" = {row['peak_rss_over_model']:.2f}x model ({size / 2**30:.2f} GiB);"
-                  f" (torch alone {row['rss_before_merge_bytes'] / 2**30:.2f} GiB, merge adds"
-                  f" {row['merge_rss_increase_bytes'] / size:.2f}x model)"
-                  + (f"; GPU peak {row['cuda_peak_bytes'] / 2**30:.2f} GiB" if row["cuda_peak_bytes"] else ""), flush=True)
+            print(
+                f"stream {device} K={k} {name:17s} {row['seconds']:8.2f} s "
+                f" peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+                f" = {row['peak_rss_over_model']:.2f}x model ({size / 2**30:.2f} GiB);"
+                f" (torch alone {row['rss_before_merge_bytes'] / 2**30:.2f} GiB, merge adds"
+                f" {row['merge_rss_increase_bytes'] / size:.2f}x model)"
+                + (f"; GPU peak {row['cuda_peak_bytes'] / 2**30:.2f} GiB" if row["cuda_peak_bytes"] else ""),
+                flush=True,
+            )
     return rows
 
 

@@ -73,7 +73,9 @@ def _task_name(entry: Path) -> str:
 def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict], list[dict]]:
     """(new arrivals in arrival order, rejected or skipped ones with a reason) in `incoming`."""
     registered = {a.get("entry", a["name"]): a["digest"] for a in known}
-    entries = sorted(Path(incoming).iterdir(), key=lambda f: (f.stat().st_mtime, f.name)) if Path(incoming).is_dir() else []
+    entries = (
+        sorted(Path(incoming).iterdir(), key=lambda f: (f.stat().st_mtime, f.name)) if Path(incoming).is_dir() else []
+    )
     new, rejected = [], []
     for entry in entries:
         kind, why = classify(entry)
@@ -102,7 +104,13 @@ def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict]
             continue
         target = Path(data_root) / (f"{EXPERTS}/{entry.name}" if kind == "expert" else name)
         if kind == "dataset" and target.exists() and dataset_digest(target) != digest:
-            rejected.append({"name": name, "status": "rejected", "reason": f"a different dataset named {name!r} is already in {data_root}"})
+            rejected.append(
+                {
+                    "name": name,
+                    "status": "rejected",
+                    "reason": f"a different dataset named {name!r} is already in {data_root}",
+                }
+            )
             continue
         new.append({"name": name, "digest": digest, "kind": kind, "entry": entry.name, "arrived": time.time()})
     return new, rejected

@@ -80,7 +80,9 @@ class Checkpoint:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` looks like weights (a safetensors file or an HF folder), not like data."""
     p = Path(path)
-    return (p.is_file() and p.suffix in (".safetensors", *PICKLE_SUFFIXES)) or (p.is_dir() and (p / "config.json").is_file())
+    return (p.is_file() and p.suffix in (".safetensors", *PICKLE_SUFFIXES)) or (
+        p.is_dir() and (p / "config.json").is_file()
+    )
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -146,7 +148,9 @@ def _hf_config(folder: Path) -> dict:
 def _tower_cfg(c: Mapping, where: str, vision: bool) -> tuple[dict, bool]:
     act = c.get("hidden_act", "quick_gelu")
     if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{where}: hidden_act {act!r} has no open_clip equivalent; expected one of {list(HF_ACTIVATIONS)}")
+        raise CheckpointError(
+            f"{where}: hidden_act {act!r} has no open_clip equivalent; expected one of {list(HF_ACTIVATIONS)}"
+        )
     if abs(float(c.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-12:
         raise CheckpointError(f"{where}: layer_norm_eps {c['layer_norm_eps']} differs from open_clip's 1e-5")
     width, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
@@ -295,7 +299,11 @@ def _read_hf(folder: Path) -> Checkpoint:
     source = LazyStateDict(refs)
     state = ConvertedStateDict(source, hf_key_plan(list(source), str(folder)))
     vision_only = cfg["model_type"] == "clip_vision_model"
-    name = None if vision_only else f"hf-clip-{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]}"
+    name = (
+        None
+        if vision_only
+        else f"hf-clip-{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]}"
+    )
     return Checkpoint(folder, "hf-clip-vision" if vision_only else "hf-clip", state, config,
                       _hf_preprocess(folder, config["vision_cfg"]["image_size"]), name, vision_only)
 

@@ -91,7 +91,9 @@ def cmd_lineage_store(args) -> int:
 
 
 def add_core_commands(sub) -> None:
-    m = sub.add_parser("merge", help="merge checkpoints with one technique, or fold them in order into a continual merger")
+    m = sub.add_parser(
+        "merge", help="merge checkpoints with one technique, or fold them in order into a continual merger"
+    )
     m.add_argument("technique", choices=sorted(TECHNIQUES) + sorted(CONTINUAL))
     m.add_argument("--base", type=Path, required=True, help="open_clip .safetensors or Hugging Face CLIP folder")
     m.add_argument("--models", type=Path, nargs="+", required=True,

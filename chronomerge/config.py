@@ -69,7 +69,8 @@ class ExpertEntry(_Section):
 class StreamSection(_Section):
     """`kind`: the embedded benchmark's `dataset-incremental` or `random` streams (`length` tasks);
     `custom`: the user's tasks in `tasks`, one per task: a dataset name (trained on) or an expert
-    `{path, dataset}` (imported); `experts`: the experts in `experts`, imported in order; `arrivals`: what `chronomerge update` received (set by it).
+    `{path, dataset}` (imported); `experts`: the experts in `experts`, imported in order; `arrivals`: what
+    `chronomerge update` received (set by it).
     For custom, experts and arrivals, `length` may be left out: it is the number of tasks."""
 
     kind: Literal[(*STREAMS, *USER_STREAMS)] = "dataset-incremental"  # type: ignore[valid-type]
@@ -174,7 +175,9 @@ class DeploySpec(MergeSpec):
         else:
             resolve_hparams(self.technique, self.hparams)
         if self.align != "none" and self.mode not in ("continual", "ema"):
-            raise ValueError(f"align needs a merged model to carry forward: mode 'continual' or 'ema', not {self.mode!r}")
+            raise ValueError(
+                f"align needs a merged model to carry forward: mode 'continual' or 'ema', not {self.mode!r}"
+            )
         return self
 
 

@@ -95,7 +95,9 @@ def evaluate(model, tokenizer, splits: Mapping[str, Split], device) -> dict[str,
     return {name: score(model, tokenizer, s, device) for name, s in splits.items()}
 
 
-def summarize(scores: Mapping[str, float], adaptation: Sequence[str], held_out: Sequence[str]) -> dict[str, float | None]:
+def summarize(
+    scores: Mapping[str, float], adaptation: Sequence[str], held_out: Sequence[str]
+) -> dict[str, float | None]:
     """A_KA, A_ZS and their geometric mean GM (TIME, Sec. 3). With no adaptation (held-out) sets,
     A_KA (A_ZS) and GM are absent (None), not zero."""
     a_ka = float(np.mean([scores[n] for n in adaptation])) if adaptation else None

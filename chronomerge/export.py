@@ -32,5 +32,7 @@ def export_open_clip(store: CheckpointStore, oid: str, path: str | os.PathLike, 
     except RuntimeError as e:
         raise ValueError(f"checkpoint {oid} does not fit open_clip model {arch['name']!r}: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, path, {"chronomerge.id": oid, **header_metadata(arch["name"], arch["config"], arch["preprocess"])})
+    atomic_save(
+        state, path, {"chronomerge.id": oid, **header_metadata(arch["name"], arch["config"], arch["preprocess"])}
+    )
     return path

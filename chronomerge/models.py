@@ -84,7 +84,9 @@ def default_preprocess(name: str, config: Mapping[str, Any], tag: str | None = N
 
 
 def _is_path(pretrained: str) -> bool:
-    return os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != "" or Path(pretrained).exists()
+    return (
+        os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != "" or Path(pretrained).exists()
+    )
 
 
 def _meta_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -148,7 +150,9 @@ def _checked_preprocess(name: str, pp: Mapping[str, Any]) -> dict:
     if len(pp.get("mean", ())) != 3 or len(pp.get("std", ())) != 3 or min(pp.get("std", (0,))) <= 0:
         problems.append("mean/std (expected three values each, std > 0: chronomerge's data is RGB)")
     if problems:
-        raise ModelError(f"model.name: {name!r} takes input chronomerge's RGB images cannot be fed as: {'; '.join(problems)}")
+        raise ModelError(
+            f"model.name: {name!r} takes input chronomerge's RGB images cannot be fed as: {'; '.join(problems)}"
+        )
     return dict(pp)
 
 
@@ -163,9 +167,11 @@ def _check_matches(name: str, config: Mapping, ck) -> None:
             raise ModelError(f"model.name: {name!r} does not match model.pretrained {what}: {k} is "
                              f"{list(shape_of(ck.state, k))} in the checkpoint, {list(shapes[k])} in {name}")
     if ck.config is not None and bool(ck.config.get("quick_gelu")) != bool(config.get("quick_gelu")):
-        raise ModelError(f"model.name: {name!r} does not match model.pretrained {what}: the checkpoint uses "
-                         f"quick_gelu={bool(ck.config.get('quick_gelu'))}, {name} quick_gelu={bool(config.get('quick_gelu'))}"
-                         f" (try {name}-quickgelu)")
+        raise ModelError(
+            f"model.name: {name!r} does not match model.pretrained {what}: the checkpoint uses "
+            f"quick_gelu={bool(ck.config.get('quick_gelu'))}, {name} quick_gelu={bool(config.get('quick_gelu'))}"
+            f" (try {name}-quickgelu)"
+        )
 
 
 def arch_of(arch: str | Mapping[str, Any]) -> dict[str, Any]:

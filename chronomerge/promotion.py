@@ -1,7 +1,8 @@
 """Promotion of a continual update's candidate model: the gate and the record of decisions.
 
 A candidate is promoted when, for every gated metric m, m(candidate) ≥ m(promoted) − tolerance
-(the first candidate has nothing to compare with), and every floor is met: m(candidate) ≥ floor_m. `.chronomerge/promotions.json` lists every decision in order:
+(the first candidate has nothing to compare with), and every floor is met: m(candidate) ≥ floor_m.
+`.chronomerge/promotions.json` lists every decision in order:
 the candidate, the model it was compared with, the metrics, promoted or not, and why.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from chronomerge.align import PROJECTION, align_projection
 from chronomerge.arrivals import digest_arrived
 from chronomerge.benchmark import ensure_base, load_model
 from chronomerge.checkpoints import read_checkpoint
@@ -25,7 +26,6 @@ from chronomerge.evaluate import score, summarize
 from chronomerge.experts import import_expert
 from chronomerge.models import base_weights, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore, atomic_write_bytes
-from chronomerge.align import PROJECTION, align_projection
 from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
 from chronomerge.train import TrainConfig, train
 

@@ -9,7 +9,8 @@ With the store S holding θ0 and the experts θ^S_1..θ^S_t, and f_merge a regis
 Both EMA chains continue from the axis' own previous output, so `compose` needs only the experts
 so far and that previous output. Deploy also has `zs` (θ0, the zero-shot baseline) and
 `continual`: `continual_step` folds θ^S_t into a continual merger (OPCM, continual task arithmetic,
-TIES or averaging, CMM's Fisher merge) whose state is a checkpoint in the store. Weighted techniques take (1 − w, w) for EMA and the recency
+TIES or averaging, CMM's Fisher merge) whose state is a checkpoint in the store. Weighted techniques take (1
+− w, w) for EMA and the recency
 weights for `all`; techniques without per-model weights merge the inputs by their own rule
 (a non-uniform recency scheme with such a technique is an error).
 """

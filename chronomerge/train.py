@@ -78,7 +78,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
 
     `mode="clip"`: symmetric InfoNCE between images and their captions (text tower trained unless
     `train_text=False`). `mode="linear"`: as "vision", but the image tower is linearized around the
-    weights it starts from (CMM pre-merge; see `Linearized`). `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's
+    weights it starts from (CMM pre-merge; see `Linearized`). `mode="vision"`: cross-entropy of `logit_scale
+    · f(x) · head` over the task's
     classes with the text tower frozen; `head` defaults to the zero-shot head of `model` as given.
     """
     for name in ("steps", "batch_size"):
@@ -118,9 +119,16 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
     lin = Linearized(model) if cfg.mode == "linear" else None
     params = lin.tau if lin else {n: p for n, p in model.named_parameters() if p.requires_grad}
     decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in params.items()}  # matrices only
-    opt = torch.optim.AdamW([{"params": [p for n, p in params.items() if decays[n]], "weight_decay": cfg.weight_decay},
-                             {"params": [p for n, p in params.items() if not decays[n]], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
-                            fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in params.items() if decays[n]], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in params.items() if not decays[n]], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        fused=dev.type == "cuda",
+    )
     step_fn = _clip_step if cfg.mode == "clip" else _vision_step  # linear: the vision step on f_lin
     fwd = lin or (torch.compile(model) if (cfg.compile and dev.type == "cuda") else model)
     sources = [(task, 1 - cfg.replay_pretrain - (cfg.replay_previous if previous else 0.0))]

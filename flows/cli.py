@@ -96,7 +96,9 @@ def peek_stage(stage_task, ws, *args):
     from tasks.cache import stage_key
 
     params = dict(inspect.signature(stage_task.fn).bind(ws, *args).arguments)
-    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(stage_task.name, stage_task.code_version, params)
+    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(
+        stage_task.name, stage_task.code_version, params
+    )
     try:
         return json.loads(json.loads(path.read_text())["result"]), "done"
     except (OSError, ValueError, KeyError, TypeError):
@@ -118,7 +120,9 @@ def cmd_status(args) -> int:
         return 0
     known = json.loads(manifest.read_text())["datasets"]
     try:  # digests as recorded (embedded) or as the folders are (the user's); nothing is generated
-        digests = digest_arrived(ws.data, [n for n in [*sets["adaptation"], *sets["held_out"]] if n not in known], known)
+        digests = digest_arrived(
+            ws.data, [n for n in [*sets["adaptation"], *sets["held_out"]] if n not in known], known
+        )
         digests |= {f"expert:{p}": read_checkpoint(p).digest() for p in cfg.stream.expert_paths}
     except (FileNotFoundError, ValueError) as e:
         print(f"data: not ready ({e}); next: prepare")
@@ -480,9 +484,15 @@ def main(argv: list[str] | None = None) -> int:
                   "task dataset (under data.root)", parent=dsub)
     da.add_argument("path", help="image folder, or manifest .csv/.jsonl with columns path,label[,caption]")
     da.add_argument("--name", required=True, help="dataset name (under data.root)")
-    da.add_argument("--templates", nargs="+", metavar="TEMPLATE", help='zero-shot prompts with {c}, e.g. "a photo of a {c}."')
-    da.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held for testing (1: evaluation only)")
-    da.add_argument("--image-size", type=int, help="store images at this square size (default: native, or 224 when sizes differ)")
+    da.add_argument(
+        "--templates", nargs="+", metavar="TEMPLATE", help='zero-shot prompts with {c}, e.g. "a photo of a {c}."'
+    )
+    da.add_argument(
+        "--test-fraction", type=float, default=0.2, help="share of each class held for testing (1: evaluation only)"
+    )
+    da.add_argument(
+        "--image-size", type=int, help="store images at this square size (default: native, or 224 when sizes differ)"
+    )
     ex = pipeline("export", cmd_export, "write a stored checkpoint as a plain open_clip checkpoint")
     ex.add_argument("checkpoint", help="checkpoint id, or 'latest' for the promoted model")
     ex.add_argument("path", help="output file, ending in .safetensors")

@@ -176,16 +176,28 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
     offline = pairs["init.mode=zs,deploy.mode=all"]
     replay = aggregate(res["replay"], "GM")[""]
     n = len(offline["by_seed"])
-    out.append({"claim": "TIME: continual fine-tuning with replay beats offline merging (init zs, deploy all) in GM",
-                "holds": replay["mean"] > offline["mean"], "seeds": f"{_wins(replay, offline)}/{n}",
-                "figures": f"replay {_pct(replay)} vs offline merging {_pct(offline)}; offline with recency weights: "
-                           + ", ".join(f"{k.split('=')[-1]} {_pct(v)}" for k, v in aggregate(res['offline'], 'GM').items())})
+    out.append(
+        {
+            "claim": "TIME: continual fine-tuning with replay beats offline merging (init zs, deploy all) in GM",
+            "holds": replay["mean"] > offline["mean"],
+            "seeds": f"{_wins(replay, offline)}/{n}",
+            "figures": f"replay {_pct(replay)} vs offline merging {_pct(offline)}; offline with recency weights: "
+            + ", ".join(f"{k.split('=')[-1]} {_pct(v)}" for k, v in aggregate(res["offline"], "GM").items()),
+        }
+    )
     best = pairs["init.mode=ema,deploy.mode=ema"]
+    seeds = best["by_seed"]
     ranked = sorted(pairs.items(), key=lambda kv: -kv[1]["mean"])
-    out.append({"claim": "TIME: Best-in-TIME (init ema, deploy ema) has the best GM of the init/deploy pairs",
-                "holds": ranked[0][0] == "init.mode=ema,deploy.mode=ema",
-                "seeds": f"{sum(all(best['by_seed'][s] >= v['by_seed'][s] for v in pairs.values()) for s in best['by_seed'])}/{n}",
-                "figures": "; ".join(f"{k.replace('init.mode=', '').replace(',deploy.mode=', '/')} {_pct(v)}" for k, v in ranked)})
+    out.append(
+        {
+            "claim": "TIME: Best-in-TIME (init ema, deploy ema) has the best GM of the init/deploy pairs",
+            "holds": ranked[0][0] == "init.mode=ema,deploy.mode=ema",
+            "seeds": f"{sum(all(best['by_seed'][s] >= v['by_seed'][s] for v in pairs.values()) for s in seeds)}/{n}",
+            "figures": "; ".join(
+                f"{k.replace('init.mode=', '').replace(',deploy.mode=', '/')} {_pct(v)}" for k, v in ranked
+            ),
+        }
+    )
     techs = aggregate(res["techniques"], "GM")
     diverged: dict[str, int] = {}
     for f in res["failed"]:
@@ -194,13 +206,22 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
     whole = {k: v for k, v in techs.items() if k.split("=")[-1] not in diverged}
     t_spread = max(v["mean"] for v in whole.values()) - min(v["mean"] for v in whole.values())
     p_spread = ranked[0][1]["mean"] - ranked[-1][1]["mean"]
-    out.append({"claim": "TIME: under Best-in-TIME the merge technique matters less than the init/deploy strategy "
-                         "(GM spread across techniques < spread across pairs)",
-                "holds": t_spread < p_spread, "seeds": "-",
-                "figures": f"spread across techniques {100 * t_spread:.1f}, across pairs {100 * p_spread:.1f}; "
-                           + "; ".join(f"{k.split('=')[-1]} {_pct(v)}" for k, v in sorted(whole.items(), key=lambda kv: -kv[1]['mean']))
-                           + "".join(f"; {t} did not finish on {k}/{n} seeds (excluded from the spread; see the failed runs)"
-                                     for t, k in sorted(diverged.items()))})
+    out.append(
+        {
+            "claim": "TIME: under Best-in-TIME the merge technique matters less than the init/deploy strategy "
+            "(GM spread across techniques < spread across pairs)",
+            "holds": t_spread < p_spread,
+            "seeds": "-",
+            "figures": f"spread across techniques {100 * t_spread:.1f}, across pairs {100 * p_spread:.1f}; "
+            + "; ".join(
+                f"{k.split('=')[-1]} {_pct(v)}" for k, v in sorted(whole.items(), key=lambda kv: -kv[1]["mean"])
+            )
+            + "".join(
+                f"; {t} did not finish on {k}/{n} seeds (excluded from the spread; see the failed runs)"
+                for t, k in sorted(diverged.items())
+            ),
+        }
+    )
     return out
 
 
@@ -243,8 +264,10 @@ def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: 
         rows = res[f"opcm-{_slug(label)}"]
         if label == "individual experts":
             for t in lengths:
-                table[label][t] = {"ACC": _by_seed(rows, lambda r, t=t: statistics.mean(individual[_seed(r["point"])][:t])),
-                                   "norm": _by_seed(rows, lambda r: 1.0)}
+                table[label][t] = {
+                    "ACC": _by_seed(rows, lambda r, t=t: statistics.mean(individual[_seed(r["point"])][:t])),
+                    "norm": _by_seed(rows, lambda r: 1.0),
+                }
             continue
         table[label] = {}
         for t in lengths:
@@ -269,13 +292,20 @@ def _opcm_findings(res: dict[str, list[dict]], table: dict) -> list[dict]:
     for metric in ("ACC", "BWT"):
         for t, o in table[ours].items():
             ta = next(v[t] for k, v in table.items() if k.startswith("continual TA") and t in v)
-            base = {"continual TA": ta[metric], "continual TIES (paper baseline)": table["continual TIES (paper baseline)"][t][metric]}
+            base = {
+                "continual TA": ta[metric],
+                "continual TIES (paper baseline)": table["continual TIES (paper baseline)"][t][metric],
+            }
             others = {k: v[t][metric] for k, v in table.items() if metric in v.get(t, {}) and k != ours}
-            out.append({"claim": f"OPCM: OPCM beats continual task arithmetic and TIES in {metric} at T = {t} "
-                                 "(vision-only experts from θ0)",
-                        "holds": all(o[metric]["mean"] > v["mean"] for v in base.values()),
-                        "seeds": f"{min(_wins(o[metric], v) for v in base.values())}/{len(o[metric]['by_seed'])}",
-                        "figures": f"OPCM {_pct(o[metric])}; " + "; ".join(f"{k} {_pct(v)}" for k, v in others.items())})
+            out.append(
+                {
+                    "claim": f"OPCM: OPCM beats continual task arithmetic and TIES in {metric} at T = {t} "
+                    "(vision-only experts from θ0)",
+                    "holds": all(o[metric]["mean"] > v["mean"] for v in base.values()),
+                    "seeds": f"{min(_wins(o[metric], v) for v in base.values())}/{len(o[metric]['by_seed'])}",
+                    "figures": f"OPCM {_pct(o[metric])}; " + "; ".join(f"{k} {_pct(v)}" for k, v in others.items()),
+                }
+            )
     return out
 
 
@@ -285,7 +315,9 @@ def _cmm_findings(res: dict[str, list[dict]]) -> list[dict]:
     cmm = aggregate(res["cmm"], "ACC")
 
     def pick(mode, merger, align):
-        return next(v for k, v in cmm.items() if f"mode={mode}" in k and f"merger={merger}" in k and f"align={align}" in k)
+        return next(
+            v for k, v in cmm.items() if f"mode={mode}" in k and f"merger={merger}" in k and f"align={align}" in k
+        )
 
     full = pick("linear", "fisher_merge", "l1")
     for stage, without in (("linearized fine-tuning", pick("vision", "fisher_merge", "l1")),
@@ -363,12 +395,20 @@ def cmm_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], t: in
         return _normalised(scores, individual[_seed(r["point"])])
 
     ind = res["opcm-individual-experts"]
-    out = {"zero-shot": {"ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r["point"])][n] for n in r["order"][:t])),
-                         "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r["point"])][n] for n in r["order"][:t]]))},
-           "individual experts": {"ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])][:t])),
-                                  "norm": _by_seed(ind, lambda r: 1.0)},
-           "multitask": {"ACC": _by_seed(res["cmm-multitask"], lambda r: r["A_KA"]),
-                         "norm": _by_seed(res["cmm-multitask"], lambda r: norm(r, _task_scores(r, t)))}}
+    out = {
+        "zero-shot": {
+            "ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r["point"])][n] for n in r["order"][:t])),
+            "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r["point"])][n] for n in r["order"][:t]])),
+        },
+        "individual experts": {
+            "ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])][:t])),
+            "norm": _by_seed(ind, lambda r: 1.0),
+        },
+        "multitask": {
+            "ACC": _by_seed(res["cmm-multitask"], lambda r: r["A_KA"]),
+            "norm": _by_seed(res["cmm-multitask"], lambda r: norm(r, _task_scores(r, t))),
+        },
+    }
     for k, rows in _groups(res["cmm"]).items():
         label = k.replace("train.mode=", "").replace(",deploy.merger=", " + ").replace(",deploy.align=", " + align ")
         out[label] = {"ACC": _by_seed(rows, lambda r: acc_bwt_at(r["matrix"], t)[0]),
@@ -414,9 +454,12 @@ def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dic
                         "of each task order; continual TA uses λ = 0.3 at T ≤ 8 and 0.1 beyond, as the paper.",
                         tables["opcm"], cols)
     if "cmm" in tables:
-        lines += _table(f"CMM setting: vision-only, T = {t}", "train mode + merger + alignment; bounds as in the OPCM "
-                        "setting (same experts).", tables["cmm"],
-                        [("ACC", lambda c: c.get("ACC")), ("normalised", lambda c: c.get("norm")), ("BWT", lambda c: c.get("BWT"))])
+        lines += _table(
+            f"CMM setting: vision-only, T = {t}",
+            "train mode + merger + alignment; bounds as in the OPCM setting (same experts).",
+            tables["cmm"],
+            [("ACC", lambda c: c.get("ACC")), ("normalised", lambda c: c.get("norm")), ("BWT", lambda c: c.get("BWT"))],
+        )
     if res["failed"]:
         lines += ["## Runs that did not finish", ""]
         lines += [f"- {f['experiment']} {f.get('technique', '')} {f['point']}: {f['error']}" for f in res["failed"]]

@@ -26,8 +26,7 @@ from chronomerge.data.streams import multitask
 from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
 from chronomerge.report import acc_bwt_lower, scores_line, task_vector_cosines, write_report, write_results
-from chronomerge.stages import (Workspace, build_tasks, evaluation_sets, resolve_device, task_digest,
-                                task_to_dict)
+from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
@@ -212,8 +211,11 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
             + "  " + scores_line(step, ("A_KA", "A_ZS", "GM")))
-    title = (f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
-             f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}")
+    title = (
+        f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: "
+        f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
+        f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}"
+    )
     experts = [s["checkpoints"]["expert"] for s in steps]
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
                "task_vector_cosine": task_vector_cosines(ws.open_store(), theta0, experts)}

@@ -77,9 +77,18 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
         store.set_ref(LATEST, deployed)
         if cfg.tracking.enabled:
             decision["model_version"] = register_promotion(
-                cfg.tracking.mlflow_uri, cfg.update.registered_model, cfg.update.alias, deployed,
-                str(store.path(deployed)), summary["run_id"],
-                {"tasks": str(len(arrived)), "gate": reason, **{k: f"{v:.6f}" for k, v in summary["final"].items() if v is not None}})
+                cfg.tracking.mlflow_uri,
+                cfg.update.registered_model,
+                cfg.update.alias,
+                deployed,
+                str(store.path(deployed)),
+                summary["run_id"],
+                {
+                    "tasks": str(len(arrived)),
+                    "gate": reason,
+                    **{k: f"{v:.6f}" for k, v in summary["final"].items() if v is not None},
+                },
+            )
     if cfg.tracking.enabled:
         tag_run(cfg.tracking.mlflow_uri, summary["run_id"],
                 {"gate.decision": decision["status"], "gate.reason": reason,

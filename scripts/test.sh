@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1
+.venv/bin/ruff check --quiet .  # the style gate (pyproject.toml [tool.ruff])
 exec .venv/bin/python -m pytest -q "$@"

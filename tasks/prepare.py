@@ -6,4 +6,6 @@ from tasks.cache import stage
 
 # Cheap when done (digests and a store ref are checked), so it runs every time and is not cached.
 prepare = task(name="prepare")(stages.run_prepare)
-base = stage("base", ("benchmark.py", "train.py", "models.py", "checkpoints.py", "model_configs/*.json"))(stages.run_base)
+base = stage("base", ("benchmark.py", "train.py", "models.py", "checkpoints.py", "model_configs/*.json"))(
+    stages.run_base
+)

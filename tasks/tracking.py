@@ -114,11 +114,15 @@ class Tracker:
         params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
         for chunk in _chunks(params, 100):
             self.client.log_batch(self.parent, params=chunk)
-        self.client.log_inputs(self.parent, [self._dataset(name, dg, data_root) for name, dg in sorted(digests.items())])
+        self.client.log_inputs(
+            self.parent, [self._dataset(name, dg, data_root) for name, dg in sorted(digests.items())]
+        )
         return self.parent
 
     def _dataset(self, name: str, digest: str, data_root: str) -> DatasetInput:
-        ds = MetaDataset(LocalArtifactDatasetSource(str(Path(data_root).resolve() / name)), name=name, digest=digest[:36])
+        ds = MetaDataset(
+            LocalArtifactDatasetSource(str(Path(data_root).resolve() / name)), name=name, digest=digest[:36]
+        )
         return DatasetInput(ds._to_mlflow_entity(), [InputTag("sha256", digest)])
 
     def log_task(self, t: int, name: str, metrics: Mapping[str, float], parent_metrics: Mapping[str, float],

@@ -3,4 +3,6 @@ an expert trained elsewhere."""
 from chronomerge import stages
 from tasks.cache import stage
 
-train = stage("train", ("train.py", "experts.py", "models.py", "checkpoints.py", "benchmark.py", "data/*.py"))(stages.run_train)
+train = stage("train", ("train.py", "experts.py", "models.py", "checkpoints.py", "benchmark.py", "data/*.py"))(
+    stages.run_train
+)

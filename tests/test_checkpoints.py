@@ -12,15 +12,30 @@ transformers = pytest.importorskip("transformers")
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
 from chronomerge.checkpoints import CheckpointError, as_expert, read_checkpoint  # noqa: E402
-from chronomerge.models import ModelError, architecture, base_weights, create_model, get_tokenizer  # noqa: E402
-from chronomerge.models import model_input, preprocess_of  # noqa: E402
+from chronomerge.models import (  # noqa: E402  # noqa: E402
+    ModelError,
+    architecture,
+    base_weights,
+    create_model,
+    get_tokenizer,
+    model_input,
+    preprocess_of,
+)
 
 
 def hf_configs(act="quick_gelu", image_size=64, patch=16, width=48):
     text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                           num_attention_heads=2, max_position_embeddings=20, projection_dim=24, hidden_act=act)
-    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=3,
-                              image_size=image_size, patch_size=patch, projection_dim=24, hidden_act=act)
+    vision = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=24,
+        hidden_act=act,
+    )
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24), vision
 
 
@@ -125,8 +140,11 @@ def test_expert_of_another_architecture_is_refused_naming_both_shapes(hf_pair, t
     torch.manual_seed(0)
     save_hf(CLIPVisionModel(vcfg), tmp_path / "wide")
     base_sd = base_weights(architecture("auto", str(root / "base")), str(root / "base"))
-    with pytest.raises(CheckpointError, match=r"architecture differs from the base's: .* is \[\d+(, \d+)*\] in the expert, "
-                                              r"\[\d+(, \d+)*\] in the base"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"architecture differs from the base's: .* is \[\d+(, \d+)*\] in the expert, "
+        r"\[\d+(, \d+)*\] in the base",
+    ):
         as_expert(read_checkpoint(tmp_path / "wide"), base_sd)
 
 

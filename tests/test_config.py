@@ -10,25 +10,53 @@ def test_the_repository_params_file_states_exactly_the_defaults():
     assert load_config("params.yaml") == Config()
 
 
-@pytest.mark.parametrize("raw,needle", [
-    ({"strategy": {"deploy": {"mode": "latest"}}}, "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'"),
-    ({"strategy": {"deploy": {"mode": "continual", "merger": "opcm", "hparams": {"keep": 0.2}}}},
-     "strategy.deploy: opcm: unknown hyperparameter(s) ['keep']; allowed: ['alpha', 'matrices', 'norm', 'projection', 'rank_rule', 'scaling', 'zero_diagonal']"),
-    ({"strategy": {"deploy": {"merger": "ewc"}}}, "strategy.deploy.merger: 'ewc' is not allowed; expected one of ['continual_average'"),
-    ({"strategy": {"deploy": {"mode": "all", "align": "l1"}}}, "align needs a merged model to carry forward"),
-    ({"strategy": {"init": {"mode": "best"}}}, "strategy.init.mode: 'best' is not allowed; expected one of 'zs', 'ft', 'ema' or 'all'"),
-    ({"strategy": {"init": {"technique": "mean"}}}, "strategy.init.technique: 'mean' is not allowed; expected one of ['average'"),
-    ({"strategy": {"deploy": {"technique": "ties", "hparams": {"keep": 0}}}}, "keep=0 is not allowed; expected a real number in (0, 1]"),
-    ({"strategy": {"deploy": {"recency": "newest"}}}, "strategy.deploy.recency: 'newest' is not allowed; expected one of ['cubic'"),
-    ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0 (got 0)"),
-    ({"train": {"steps": 2.5}}, "train.steps"),
-    ({"train": {"replay_pretrain": 0.6, "replay_previous": 0.5}}, "replay_pretrain + replay_previous must be < 1"),
-    ({"stream": {"kind": "class-incremental"}}, "stream.kind: 'class-incremental' is not allowed; expected one of 'dataset-incremental', 'random', 'custom', 'experts' or 'arrivals'"),
-    ({"stream": {"length": 0}}, "stream.length: Input should be greater than or equal to 1 (got 0)"),
-    ({"device": "tpu"}, "device: 'tpu' is not allowed; expected one of 'auto', 'cpu' or 'cuda'"),
-    ({"trian": {}}, "trian: unknown field; allowed fields here: ['data', 'device', 'eval', 'model'"),
-    ({"train": {"learning_rate": 1}}, "train.learning_rate: unknown field; allowed fields here: ['batch_size'"),
-])
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        (
+            {"strategy": {"deploy": {"mode": "latest"}}},
+            "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'",
+        ),
+        (
+            {"strategy": {"deploy": {"mode": "continual", "merger": "opcm", "hparams": {"keep": 0.2}}}},
+            "strategy.deploy: opcm: unknown hyperparameter(s) ['keep'];"
+            " allowed: ['alpha', 'matrices', 'norm', 'projection', 'rank_rule', 'scaling', 'zero_diagonal']",
+        ),
+        (
+            {"strategy": {"deploy": {"merger": "ewc"}}},
+            "strategy.deploy.merger: 'ewc' is not allowed; expected one of ['continual_average'",
+        ),
+        ({"strategy": {"deploy": {"mode": "all", "align": "l1"}}}, "align needs a merged model to carry forward"),
+        (
+            {"strategy": {"init": {"mode": "best"}}},
+            "strategy.init.mode: 'best' is not allowed; expected one of 'zs', 'ft', 'ema' or 'all'",
+        ),
+        (
+            {"strategy": {"init": {"technique": "mean"}}},
+            "strategy.init.technique: 'mean' is not allowed; expected one of ['average'",
+        ),
+        (
+            {"strategy": {"deploy": {"technique": "ties", "hparams": {"keep": 0}}}},
+            "keep=0 is not allowed; expected a real number in (0, 1]",
+        ),
+        (
+            {"strategy": {"deploy": {"recency": "newest"}}},
+            "strategy.deploy.recency: 'newest' is not allowed; expected one of ['cubic'",
+        ),
+        ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0 (got 0)"),
+        ({"train": {"steps": 2.5}}, "train.steps"),
+        ({"train": {"replay_pretrain": 0.6, "replay_previous": 0.5}}, "replay_pretrain + replay_previous must be < 1"),
+        (
+            {"stream": {"kind": "class-incremental"}},
+            "stream.kind: 'class-incremental' is not allowed;"
+            " expected one of 'dataset-incremental', 'random', 'custom', 'experts' or 'arrivals'",
+        ),
+        ({"stream": {"length": 0}}, "stream.length: Input should be greater than or equal to 1 (got 0)"),
+        ({"device": "tpu"}, "device: 'tpu' is not allowed; expected one of 'auto', 'cpu' or 'cuda'"),
+        ({"trian": {}}, "trian: unknown field; allowed fields here: ['data', 'device', 'eval', 'model'"),
+        ({"train": {"learning_rate": 1}}, "train.learning_rate: unknown field; allowed fields here: ['batch_size'"),
+    ],
+)
 def test_a_bad_field_is_named_with_its_allowed_values(raw, needle):
     with pytest.raises(ConfigError) as e:
         validate(raw, "params.yaml")
@@ -63,7 +91,9 @@ def test_the_command_line_reports_a_bad_field_and_exits_2(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--set", "strategy.deploy.mode=latest"]) == 2
     err = capsys.readouterr().err
-    assert "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'" in err
+    assert (
+        "strategy.deploy.mode: 'latest' is not allowed; expected one of 'zs', 'ft', 'ema', 'all' or 'continual'" in err
+    )
     assert not (tmp_path / "store").exists(), "nothing runs before the config is valid"
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturb
 
 from chronomerge.merge import (
     CONTINUAL,
@@ -18,7 +19,6 @@ from chronomerge.merge import (
 )
 from chronomerge.merge.opcm import PAPER, is_projected, project, project_all, project_batch, split_rank
 from chronomerge.store import CheckpointStore
-from conftest import perturb
 
 
 def matrices(seed, t, shape=(12, 8), scale=1.0):
@@ -131,7 +131,10 @@ def test_a_batch_member_with_a_zero_merged_delta_stays_unprojected():
 
 def test_without_zero_diagonal_the_projection_keeps_the_diagonal_terms():
     g = torch.Generator().manual_seed(3)
-    merged, delta = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
+    merged, delta = (
+        torch.randn(6, 6, generator=g, dtype=torch.float64),
+        torch.randn(6, 6, generator=g, dtype=torch.float64),
+    )
     kept = project(delta, merged, 0.5, zero_diagonal=False)
     assert abs(float((kept * merged).sum())) > 1e-6  # the released code's behaviour is not orthogonal
 

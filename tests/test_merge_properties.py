@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import perturb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chronomerge.merge import TECHNIQUES, merge
 from chronomerge.merge.lines import layer_scales
-from conftest import perturb
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -7,10 +7,10 @@ import torch
 from mlflow import MlflowClient
 
 from chronomerge.config import load_config
-from chronomerge.store import CheckpointStore
-from flows.cli import main
 from chronomerge.data.streams import build_stream, multitask
 from chronomerge.stages import task_digest
+from chronomerge.store import CheckpointStore
+from flows.cli import main
 from flows.stream import STAGES, stream_flow
 
 
@@ -83,7 +83,9 @@ def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
     parent = client.get_run(summary["run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.lr"] == str(load_config(None).train.lr) and parent.data.params["stream.length"] == "3"
+    assert (
+        parent.data.params["train.lr"] == str(load_config(None).train.lr) and parent.data.params["stream.length"] == "3"
+    )
     assert parent.data.tags["lineage.deployed"] == summary["deployed"]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "GM")] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {

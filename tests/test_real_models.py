@@ -16,20 +16,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
+from conftest import make_image_folder
 from mlflow import MlflowClient
 
 from chronomerge.checkpoints import read_checkpoint
 from chronomerge.config import ConfigError, load_config
+from chronomerge.data import load_split
 from chronomerge.data.adapters import add_dataset
 from chronomerge.evaluate import score
-from chronomerge.data import load_split
 from chronomerge.merge import merge
 from chronomerge.models import architecture, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore
 from flows.stream import STAGES, stream_flow
-
-from conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 def run_stream(project: Path, **params):
@@ -42,7 +40,9 @@ def run_stream(project: Path, **params):
 
 def test_vit_b_32_stream_runs_every_stage_end_to_end_on_the_cpu(project):
     for name in ("colours-a", "colours-b"):
-        add_dataset(make_image_folder(project / "src" / name, seed=len(name)), project / "data", name, test_fraction=0.34)
+        add_dataset(
+            make_image_folder(project / "src" / name, seed=len(name)), project / "data", name, test_fraction=0.34
+        )
     summary = run_stream(project, model={"name": "ViT-B-32"}, pretrain={"steps": 1, "batch_size": 4},
                          stream={"kind": "custom", "tasks": ["colours-a", "colours-b"], "length": 2},
                          train={"steps": 2, "batch_size": 4})
@@ -62,8 +62,10 @@ def test_vit_b_16_merge_and_evaluation(tmp_path):
     arch = architecture("ViT-B-16")
     base = {k: v.clone() for k, v in create_model(arch, seed=0).state_dict().items()}
     g = torch.Generator().manual_seed(1)
-    experts = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
-               for _ in range(2)]
+    experts = [
+        {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
+        for _ in range(2)
+    ]
     merged = merge("ties", base, experts, keep=0.2)
     model = create_model(arch)
     model.load_state_dict(merged)
@@ -100,15 +102,26 @@ def test_data_add_stores_native_images_with_a_stratified_split_and_refuses_what_
 def test_a_bad_model_or_expert_is_one_clear_error_before_any_work(project, capsys):
     from flows.cli import main
 
-    for sets, needle in ((["model.name=ViT-B-99"], "model.name: unknown open_clip architecture 'ViT-B-99'"),
-                         (["model.pretrained=weights/missing.safetensors"], "model.pretrained: weights/missing.safetensors: no such file"),
-                         (["model.name=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
-                          "model.pretrained: the weights of open_clip tag 'laion2b_s34b_b79k' for ViT-B-32 are not in the local"),
-                         (["model.name=auto"], "model.name: 'auto' reads the architecture from model.pretrained"),
-                         (["stream.kind=experts", "stream.length=1", "stream.experts=[{path: nowhere/expert}]"],
-                          "stream.experts.0.path: nowhere/expert: no such file or folder"),
-                         (["stream.kind=custom", "stream.length=1", "stream.tasks=[letters-photo]", "eval.held_out=[letters-photo]"],
-                          "eval.held_out: ['letters-photo'] are trained on by the stream")):
+    for sets, needle in (
+        (["model.name=ViT-B-99"], "model.name: unknown open_clip architecture 'ViT-B-99'"),
+        (
+            ["model.pretrained=weights/missing.safetensors"],
+            "model.pretrained: weights/missing.safetensors: no such file",
+        ),
+        (
+            ["model.name=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
+            "model.pretrained: the weights of open_clip tag 'laion2b_s34b_b79k' for ViT-B-32 are not in the local",
+        ),
+        (["model.name=auto"], "model.name: 'auto' reads the architecture from model.pretrained"),
+        (
+            ["stream.kind=experts", "stream.length=1", "stream.experts=[{path: nowhere/expert}]"],
+            "stream.experts.0.path: nowhere/expert: no such file or folder",
+        ),
+        (
+            ["stream.kind=custom", "stream.length=1", "stream.tasks=[letters-photo]", "eval.held_out=[letters-photo]"],
+            "eval.held_out: ['letters-photo'] are trained on by the stream",
+        ),
+    ):
         assert main(["run", *[x for s in sets for x in ("--set", s)]]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import perturb
 
 from chronomerge.merge import merge
 from chronomerge.statedict import CorruptCheckpointError, LazyStateDict
 from chronomerge.store import CheckpointStore, NonFiniteError
-from conftest import perturb
 
 
 def nbytes(sd, prefix=""):
@@ -37,7 +37,9 @@ def test_ids_are_content_addresses_stable_across_processes(tmp_path, tiny_base):
         sd = create_model(seed=0).state_dict()
         print(CheckpointStore({str(tmp_path / 'b')!r}).put(sd, kind="base"))
     """)
-    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1]
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[
+        -1
+    ]
     assert other == oid
     assert CheckpointStore(tmp_path / "a").put(tiny_base, kind="expert") != oid  # identity is part of the id
 
@@ -176,7 +178,9 @@ def test_a_diverged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tiny_
     diverged = dict(tiny_base)
     name = sorted(diverged)[3]
     diverged[name] = diverged[name].clone().flatten().index_fill(0, torch.tensor([0]), bad).view_as(diverged[name])
-    with pytest.raises(NonFiniteError, match=f"deployed checkpoint \\(dare_ties\\): tensor '{name}' has NaN or infinite"):
+    with pytest.raises(
+        NonFiniteError, match=f"deployed checkpoint \\(dare_ties\\): tensor '{name}' has NaN or infinite"
+    ):
         store.put(diverged, kind="deployed", parents=[base], technique="dare_ties")
     assert store.ids() == [base]
     assert not list((tmp_path / "objects").glob(".tmp-*"))

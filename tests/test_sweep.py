@@ -67,7 +67,9 @@ def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
     assert "NaN or infinite" in runs[0].data.tags["chronomerge.error"]
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_committed_sweep_file_is_valid(path):
     sweep = load_sweep(path)
     runs = points({}, sweep)

@@ -69,7 +69,10 @@ def test_arriving_data_is_trained_merged_gated_and_audited(dvc_project, capsys):
     reported = {r["name"]: r for r in first["rejected"]}
     assert sorted(reported) == ["broken", "half-written"]
     assert reported["broken"]["status"] == "rejected" and "unreadable" in reported["broken"]["reason"]
-    assert reported["half-written"]["status"] == "skipped" and "not a dataset (meta.json)" in reported["half-written"]["reason"]
+    assert (
+        reported["half-written"]["status"] == "skipped"
+        and "not a dataset (meta.json)" in reported["half-written"]["reason"]
+    )
     store = CheckpointStore(project / "store")
     assert store.ref("latest") == first["candidate"]
     dvc_file = yaml.safe_load((project / "incoming.dvc").read_text())
@@ -131,7 +134,10 @@ def test_arriving_data_is_trained_merged_gated_and_audited(dvc_project, capsys):
 
     assert main(["diff", first["run_id"], refused["run_id"]]) == 0
     out = capsys.readouterr().out
-    assert "stream.tasks: ['letters-photo', 'numerals-neon'] -> ['letters-photo', 'numerals-neon', 'handwritten-digits']" in out
+    assert (
+        "stream.tasks: ['letters-photo', 'numerals-neon'] -> ['letters-photo', 'numerals-neon', 'handwritten-digits']"
+        in out
+    )
     assert "update.new_tasks: letters-photo,numerals-neon -> handwritten-digits" in out
     assert "gate.decision: promoted -> refused" in out and "A_ZS:" in out
 
@@ -193,10 +199,10 @@ def test_a_served_deployment_picks_up_arriving_data(dvc_project):
 
 
 def test_update_takes_image_folders_manifests_and_experts_and_reports_the_rest(project, capsys):
+    from conftest import make_image_folder
     from safetensors.torch import save_file
 
     from chronomerge.models import create_model
-    from conftest import make_image_folder
 
     incoming = project / "incoming"
     make_image_folder(incoming / "colours", n=5)

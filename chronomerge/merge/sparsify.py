@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 _SAMPLE = 1 << 14
 _SAMPLE_MARGIN = 4.0  # standard deviations of the sample rank kept on each side of the target
 

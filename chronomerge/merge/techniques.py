@@ -138,7 +138,8 @@ def combined_task_vector(job: TensorJob, hp: dict, sparsify: str | None, elect: 
     TIES consensus (Yadav et al. 2023, steps 2-3): s = sign(Σ_i τ̂_i) with zeros broken to +, then
     per entry the mean of the τ̂_i whose sign equals s (zero entries do not count; entries with no
     agreeing model stay 0). `aggregate="sum"` takes their sum instead of their mean (the TIES code's
-    `merge_func="sum"`, used by the OPCM paper's continual TIES baseline). One streaming pass: positive and negative parts are summed and counted
+    `merge_func="sum"`, used by the OPCM paper's continual TIES baseline). One streaming pass: positive and
+    negative parts are summed and counted
     separately, and Σ_i τ̂_i is their sum, so the τ̂_i are neither held nor recomputed.
     """
     if not elect:
