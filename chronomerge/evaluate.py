@@ -106,14 +106,21 @@ def summarize(
     return {"A_KA": a_ka, "A_ZS": a_zs, "GM": gm}
 
 
-def acc_bwt(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
-    """ACC and BWT of an accuracy matrix R[t][i] (rows: after step t; columns: task i)."""
-    r = np.asarray(matrix, dtype=float)
-    t = r.shape[0]
-    if r.shape != (t, t):
-        raise ValueError(f"accuracy matrix must be square (steps × tasks), got {r.shape}")
-    bwt = float(np.mean([r[-1, i] - r[i, i] for i in range(t - 1)])) if t > 1 else 0.0
-    return {"ACC": float(r[-1].mean()), "BWT": bwt}
+def acc_bwt(rows: Sequence[Sequence[float | None]], t: int | None = None) -> dict[str, float | None]:
+    """ACC and BWT after step `t` (default: the last row) of an accuracy matrix R[t][i], the score on
+    task i after step t: ACC = mean_i R[t][i], BWT = mean_{i<t} (R[t][i] − R[i][i]) over the first t
+    tasks. Rows may be lower-triangular (row t holds tasks 0..t) or longer. A task without a test set
+    (an imported expert with no dataset) has None entries and is left out of both; with no task scored
+    both are None."""
+    t = len(rows) if t is None else t
+    if not 1 <= t <= len(rows) or any(len(rows[i]) < i + 1 for i in range(t)):
+        raise ValueError(f"an accuracy matrix needs row i to hold tasks 0..i for the first t={t} rows; "
+                         f"got row lengths {[len(r) for r in rows]}")
+    last = rows[t - 1][:t]
+    scored = [x for x in last if x is not None]
+    drops = [last[i] - rows[i][i] for i in range(t - 1) if last[i] is not None and rows[i][i] is not None]
+    return {"ACC": float(np.mean(scored)) if scored else None,
+            "BWT": float(np.mean(drops)) if drops else (0.0 if scored else None)}
 
 
 def chance(splits: Mapping[str, Split]) -> float:

@@ -20,18 +20,6 @@ from chronomerge.store import atomic_write_bytes
 CURVES = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
 
 
-def acc_bwt_lower(rows: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
-    """ACC and BWT after step t from rows 1..t of a lower-triangular accuracy matrix (row i has i
-    entries). A task without a test set (an imported expert with no dataset) has None entries and
-    is left out of both; with no task scored they are None."""
-    last = rows[-1]
-    t = len(rows)
-    scored = [x for x in last if x is not None]
-    drops = [last[i] - rows[i][i] for i in range(t - 1) if last[i] is not None and rows[i][i] is not None]
-    return {"ACC": float(np.mean(scored)) if scored else None,
-            "BWT": float(np.mean(drops)) if drops else (0.0 if scored else None)}
-
-
 def matrix(history: Mapping[str, Any]) -> np.ndarray:
     """The accuracy matrix R[t, i] (NaN above the diagonal: tasks not seen yet)."""
     rows = [s["row"] for s in history["steps"]]

@@ -35,6 +35,7 @@ from typing import Any
 
 from chronomerge.config import Config, apply_overrides, validate
 from chronomerge.data.streams import build_stream
+from chronomerge.evaluate import acc_bwt
 from chronomerge.merge import TECHNIQUES, ContinualTIES
 from chronomerge.merge.opcm import PAPER
 from chronomerge.stages import run_eval
@@ -225,13 +226,6 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def acc_bwt_at(matrix: list[list[float]], t: int) -> tuple[float, float]:
-    """ACC and BWT after the first `t` tasks, from a stream's accuracy matrix rows R[0..]."""
-    last = matrix[t - 1][:t]
-    bwt = statistics.mean(last[i] - matrix[i][i] for i in range(t - 1)) if t > 1 else 0.0
-    return statistics.mean(last), bwt
-
-
 def _by_seed(rows: list[dict], value) -> dict:
     return _spread({_seed(r["point"]): value(r) for r in rows})
 
@@ -274,8 +268,8 @@ def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: 
             if len(rows[0]["matrix"]) < t:
                 continue  # continual TA at λ 0.3 runs only as far as T = 8
             table[label][t] = {
-                "ACC": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[0]),
-                "BWT": _by_seed(rows, lambda r, t=t: acc_bwt_at(r["matrix"], t)[1]),
+                "ACC": _by_seed(rows, lambda r, t=t: acc_bwt(r["matrix"], t)["ACC"]),
+                "BWT": _by_seed(rows, lambda r, t=t: acc_bwt(r["matrix"], t)["BWT"]),
                 "norm": _by_seed(rows, lambda r, t=t: norm(r, r["matrix"][t - 1][:t]))}
     return table
 
@@ -411,8 +405,8 @@ def cmm_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], t: in
     }
     for k, rows in _groups(res["cmm"]).items():
         label = k.replace("train.mode=", "").replace(",deploy.merger=", " + ").replace(",deploy.align=", " + align ")
-        out[label] = {"ACC": _by_seed(rows, lambda r: acc_bwt_at(r["matrix"], t)[0]),
-                      "BWT": _by_seed(rows, lambda r: acc_bwt_at(r["matrix"], t)[1]),
+        out[label] = {"ACC": _by_seed(rows, lambda r: acc_bwt(r["matrix"], t)["ACC"]),
+                      "BWT": _by_seed(rows, lambda r: acc_bwt(r["matrix"], t)["BWT"]),
                       "norm": _by_seed(rows, lambda r: norm(r, r["matrix"][t - 1][:t]))}
     return out
 

@@ -23,9 +23,10 @@ from prefect import flow
 
 from chronomerge.config import Config, ConfigError, validate
 from chronomerge.data.streams import multitask
+from chronomerge.evaluate import acc_bwt
 from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
-from chronomerge.report import acc_bwt_lower, scores_line, task_vector_cosines, write_report, write_results
+from chronomerge.report import scores_line, task_vector_cosines, write_report, write_results
 from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
@@ -203,7 +204,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         ids = {"init": outs["init"]["init"], "expert": outs["train"]["expert"], "fisher": outs["train"]["fisher"],
                "deployed": outs["deploy"]["deployed"], "storage": outs["store"]["manifest"]}
         step = {"t": t, "task": task.name, "A_KA": e_out["A_KA"], "A_ZS": e_out["A_ZS"], "GM": e_out["GM"],
-                **acc_bwt_lower(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
+                **acc_bwt(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
                 "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda")}
         steps.append(step)

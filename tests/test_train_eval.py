@@ -86,8 +86,18 @@ def test_metrics():
     m = acc_bwt(r)
     assert m["ACC"] == pytest.approx((0.5 + 0.6 + 0.9) / 3)
     assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
-    with pytest.raises(ValueError, match="square"):
-        acc_bwt([[1, 2]])
+    lower = [row[:i + 1] for i, row in enumerate(r)]  # as the pipeline records it: row t holds tasks 0..t
+    assert acc_bwt(lower) == m
+    # after the first two steps: the 2x2 top-left block, whatever later rows hold
+    assert acc_bwt(r, 2) == {"ACC": pytest.approx((0.7 + 0.8) / 2), "BWT": pytest.approx(0.7 - 0.9)}
+    assert acc_bwt([[0.4]]) == {"ACC": 0.4, "BWT": 0.0}
+    # a task without a test set (None) is left out of both; with nothing scored both are None
+    assert acc_bwt([[None], [None, 0.6], [None, 0.5, 0.9]]) == {"ACC": pytest.approx(0.7), "BWT": pytest.approx(-0.1)}
+    assert acc_bwt([[None]]) == {"ACC": None, "BWT": None}
+    with pytest.raises(ValueError, match="row i to hold tasks 0..i"):
+        acc_bwt([[0.1], [0.2]])
+    with pytest.raises(ValueError, match="t=4"):
+        acc_bwt(r, 4)
     s = summarize({"a": 0.2, "b": 0.4, "z": 0.8}, ["a", "b"], ["z"])
     assert s["A_KA"] == pytest.approx(0.3) and s["A_ZS"] == 0.8 and s["GM"] == pytest.approx(math.sqrt(0.24))
     splits = {"x": Split(np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64), ["a", "b"], [], [""]),
