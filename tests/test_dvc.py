@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from tests.conftest import TINY_PARAMS
+from conftest import TINY_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,6 @@
 """The stream flow with real Prefect, MLflow and the checkpoint store on a 3-task tiny stream."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
     assert again["deployed"] == first["deployed"] and again["final"] == first["final"]
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
     assert metrics["deployed"] == first["deployed"] and metrics["tasks"] == 3
-    assert 0 <= metrics["GM"] <= 1
+    assert 0 < metrics["A_KA"] <= 1 and 0 < metrics["A_ZS"] <= 1
+    assert metrics["GM"] == pytest.approx(math.sqrt(metrics["A_KA"] * metrics["A_ZS"]), abs=1e-5)
+    assert metrics["GM"] == pytest.approx(first["final"]["GM"], abs=1e-6)
     for f in ("history.json", "curves.csv", "report.md", "plots/metrics.png", "plots/accuracy_matrix.png"):
         assert (project / "outputs" / f).stat().st_size > 0
 

@@ -1,5 +1,6 @@
 """Training (contrastive and vision-only) and evaluation metrics on the tiny open_clip model."""
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -61,12 +62,23 @@ def test_frozen_text_tower_in_contrastive_mode(task, tok):
     assert torch.equal(model.state_dict()["token_embedding.weight"], before)
 
 
-def test_replay_mixes_in_the_pretraining_pool(task, tok):
+def test_replay_mixes_in_the_pretraining_pool_and_earlier_tasks(task, tok):
+    """Each replay source's images shape the trained weights: the same run with that source's images
+    inverted (same captions, same batch indices) ends elsewhere, and so does a run without replay."""
     pool = generate(catalog.PRETRAIN, "train", 0, size_factor=0.01)
-    model = create_model(seed=0)
-    res = train(model, task, TrainConfig(steps=3, batch_size=16, replay_pretrain=0.25, replay_previous=0.25),
-                tokenizer=tok, replay_pool=pool, previous=[task])
-    assert len(res.losses) == 3 and all(math.isfinite(x) for x in res.losses)
+    earlier = generate(catalog.ALL["letters-photo"], "train", 0, size_factor=0.1)
+    inverted = lambda s: dataclasses.replace(s, images=255 - s.images)  # noqa: E731
+    cfg = TrainConfig(steps=3, batch_size=16, replay_pretrain=0.25, replay_previous=0.25)
+
+    def run(cfg, pool, earlier):
+        return train(create_model(seed=0), task, cfg, tokenizer=tok, replay_pool=pool, previous=[earlier]).state
+
+    both = run(cfg, pool, earlier)
+    w = "visual.conv1.weight"
+    assert not torch.equal(both[w], run(cfg, inverted(pool), earlier)[w])
+    assert not torch.equal(both[w], run(cfg, pool, inverted(earlier))[w])
+    assert not torch.equal(both[w], run(TrainConfig(steps=3, batch_size=16), pool, earlier)[w])
+    assert all(torch.isfinite(v).all() for v in both.values())
 
 
 @pytest.mark.parametrize("cfg,pattern", [
