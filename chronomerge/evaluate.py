@@ -15,14 +15,14 @@ import open_clip
 import torch
 
 from chronomerge.data import Split
-from chronomerge.models import model_input, preprocess_of
+from chronomerge.models import autocast, model_input, preprocess_of
 
 
 @torch.no_grad()
 def _encode_batches(encode, items, device, batch_size: int) -> torch.Tensor:
     out = []
     for i in range(0, len(items), batch_size):
-        with _autocast(device):
+        with autocast(device):
             out.append(encode(items[i:i + batch_size]).float())
     return torch.cat(out)
 
@@ -46,11 +46,6 @@ def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> 
 def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 1024) -> torch.Tensor:
     return _encode_batches(lambda t: model.encode_text(tokenizer(list(t)).to(device), normalize=True),
                            list(texts), device, batch_size)
-
-
-def _autocast(device):
-    dev = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def text_head(model, tokenizer, classes: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:

@@ -240,6 +240,13 @@ def preprocess_of(model: torch.nn.Module) -> dict[str, Any]:
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
+def autocast(device, bf16: bool = True):
+    """bf16 autocast on a GPU (training and evaluation alike); full precision on the CPU."""
+    if torch.device(device).type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def model_input(images: torch.Tensor, pp: Mapping[str, Any]) -> torch.Tensor:
     """uint8 N×H×W×3 images (any size) → the model's float N×3×S×S input, on the images' device.
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from chronomerge.store import atomic_write_bytes
 
-CURVES = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
+SUMMARY = ("A_KA", "A_ZS", "GM")  # a model's scores (docs/methods.md, "Metrics")
+METRICS = SUMMARY + ("ACC", "BWT")  # and the stream's, after each step
 
 
 def matrix(history: Mapping[str, Any]) -> np.ndarray:
@@ -32,7 +33,7 @@ def matrix(history: Mapping[str, Any]) -> np.ndarray:
 def final_metrics(history: Mapping[str, Any]) -> dict[str, Any]:
     last = history["steps"][-1]
     return {"deployed": last["checkpoints"]["deployed"], "tasks": len(history["steps"]),
-            **{k: None if last[k] is None else round(last[k], 6) for k in CURVES}}
+            **{k: None if last[k] is None else round(last[k], 6) for k in METRICS}}
 
 
 def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
@@ -45,9 +46,9 @@ def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path:
     atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["t", "task", *CURVES])
+    w.writerow(["t", "task", *METRICS])
     for s in history["steps"]:
-        w.writerow([s["t"], s["task"], *("" if s[k] is None else f"{s[k]:.6f}" for k in CURVES)])
+        w.writerow([s["t"], s["task"], *("" if s[k] is None else f"{s[k]:.6f}" for k in METRICS)])
     atomic_write_bytes(out / "curves.csv", buf.getvalue().encode())
     return [metrics_path, out / "history.json", out / "curves.csv"]
 
@@ -93,7 +94,7 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     ts = [s["t"] for s in steps]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     absent = []
-    for k in ("A_KA", "A_ZS", "GM"):
+    for k in SUMMARY:
         if any(s[k] is not None for s in steps):
             ax.plot(ts, [np.nan if s[k] is None else 100 * s[k] for s in steps], marker="o", ms=3, label=k)
         else:  # no evaluation sets of that kind: no line, not zeros
@@ -163,7 +164,7 @@ def markdown(history: Mapping[str, Any]) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in history["steps"]:
         sec = s["seconds"]
-        lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(pct(s[k]) for k in CURVES)
+        lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(pct(s[k]) for k in METRICS)
                      + f" | {sec.get('train', 0):.1f} | {sec.get('eval', 0):.1f} |")
     lines += ["", "Scores in %. A_KA: mean over adaptation datasets; A_ZS: over held-out datasets; "
               "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t); – : absent "
@@ -171,7 +172,7 @@ def markdown(history: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def scores_line(d: Mapping[str, Any], keys: Sequence[str] = CURVES, digits: int = 1) -> str:
+def scores_line(d: Mapping[str, Any], keys: Sequence[str] = METRICS, digits: int = 1) -> str:
     """`A_KA 25.7  A_ZS –  …`: scores in %, '–' where absent."""
     return "  ".join(f"{k} {pct(d.get(k), digits)}" for k in keys)
 

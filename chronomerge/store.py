@@ -58,7 +58,8 @@ def object_id(identity: Mapping[str, Any], tensors: Mapping[str, list]) -> str:
     return hashlib.sha256(_canonical({"identity": identity, "tensors": tensors}).encode()).hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +155,7 @@ class CheckpointStore:
                 pid = int(p.name.split("-")[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid <= 0 or not _pid_alive(pid):
+            if pid <= 0 or not pid_alive(pid):
                 p.unlink(missing_ok=True)
                 removed.append(p)
         return removed

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from chronomerge.merge import CONTINUAL, TECHNIQUES, load_merger, merge, recency_weights, save_merger
+from chronomerge.merge import CONTINUAL, load_merger, merge, recency_weights, save_merger
 from chronomerge.merge.continual import ContinualMerger
+from chronomerge.merge.registry import takes_weights
 from chronomerge.store import CheckpointStore
 
 
@@ -32,7 +33,7 @@ def merge_inputs(spec: Mapping[str, Any], mode: str, base: str, experts: Sequenc
 
     An empty list means no merge: the axis returns a stored checkpoint as is (`pick`).
     """
-    weighted = TECHNIQUES[spec["technique"]].weighted and spec.get("hparams", {}).get("over") != "ties"
+    weighted = takes_weights(spec["technique"], spec.get("hparams", {}))
     if mode in ("zs", "ft") or not experts:
         return [], None
     if mode == "ema":

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chronomerge.data import Split
-from chronomerge.models import model_input, preprocess_of
+from chronomerge.models import autocast, model_input, preprocess_of
 
 MODES = ("clip", "vision", "linear")
 TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
@@ -161,8 +161,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
             g["lr"] = lr_at(step, cfg)
         picks = [(imgs, toks, labels, idx[step]) for (imgs, toks, labels, _), idx in zip(staged, indices)]
         x = model_input(torch.cat([imgs[i] for imgs, _, _, i in picks]), pp)
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and cfg.bf16
-              else torch.autocast("cpu", enabled=False)):
+        with autocast(dev, cfg.bf16):
             if cfg.mode == "clip":
                 loss = step_fn(fwd, x, torch.cat([toks[i] for _, toks, _, i in picks]))
             else:

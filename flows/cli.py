@@ -29,7 +29,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress li
 from chronomerge import cli as core_cli  # noqa: E402
 from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
-from chronomerge.report import scores_line  # noqa: E402
+from chronomerge.report import SUMMARY, scores_line  # noqa: E402
 from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
 
 
@@ -262,7 +262,7 @@ def cmd_update(args) -> int:
     if "candidate" in d:
         m = d["metrics"]
         print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
-              + scores_line(m, ("A_KA", "A_ZS", "GM"), digits=2))
+              + scores_line(m, SUMMARY, digits=2))
     store = CheckpointStore(cfg.paths.store)
     print(f"deployed (latest): {store.ref('latest') or '-'}")
     return 0

@@ -38,6 +38,7 @@ from chronomerge.data.streams import build_stream
 from chronomerge.evaluate import acc_bwt
 from chronomerge.merge import TECHNIQUES, ContinualTIES
 from chronomerge.merge.opcm import PAPER
+from chronomerge.report import SUMMARY
 from chronomerge.stages import run_eval
 from chronomerge.store import atomic_write_bytes
 from flows.stream import check, prepare_inputs, workspace
@@ -356,7 +357,7 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
         return {"A_KA": ka, "A_ZS": a_zs, "GM": (ka * a_zs) ** 0.5 if a_zs is not None else None}
 
     seeds = sorted(individual)
-    out = {"zero-shot": {m: _spread({s: zs_metrics(s)[m] for s in seeds}) for m in ("A_KA", "A_ZS", "GM")},
+    out = {"zero-shot": {m: _spread({s: zs_metrics(s)[m] for s in seeds}) for m in SUMMARY},
            "individual experts": {"A_KA": _spread({s: statistics.mean(individual[s][:t]) for s in seeds}),
                                   "norm": _spread({s: 1.0 for s in seeds})}}
     out["zero-shot"]["norm"] = _spread({s: _normalised([zs[s][n] for n in order[s][:t]], individual[s]) for s in seeds})
@@ -369,7 +370,7 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
         if not rows:
             continue
         scores = (lambda r: _task_scores(r, t)) if label == "multitask" else (lambda r: r["matrix"][-1][:t])
-        out[label] = {m: _by_seed(rows, lambda r, m=m: r[m]) for m in ("A_KA", "A_ZS", "GM") if rows[0][m] is not None}
+        out[label] = {m: _by_seed(rows, lambda r, m=m: r[m]) for m in SUMMARY if rows[0][m] is not None}
         out[label]["norm"] = _by_seed(rows, lambda r, f=scores: norm(r, f(r)))
     return out
 

@@ -26,7 +26,7 @@ from chronomerge.data.streams import multitask
 from chronomerge.evaluate import acc_bwt
 from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
-from chronomerge.report import scores_line, task_vector_cosines, write_report, write_results
+from chronomerge.report import METRICS, SUMMARY, scores_line, task_vector_cosines, write_report, write_results
 from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest, task_to_dict
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
@@ -211,7 +211,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n in task.datasets})
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
-            + "  " + scores_line(step, ("A_KA", "A_ZS", "GM")))
+            + "  " + scores_line(step, SUMMARY))
     title = (
         f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: "
         f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
@@ -223,7 +223,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
             "stages": stages, "compute_seconds": compute, "history": history, "matrix": rows,
             "scores": steps[-1]["scores"],
-            "final": {k: steps[-1][k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT")}}
+            "final": {k: steps[-1][k] for k in METRICS}}
 
 
 def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: str, datasets: dict) -> None:
@@ -240,12 +240,12 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
         tags.update({f"lineage.expert.{k}": str(source[k]) for k in ("source", "source_digest", "format")})
     tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
                  **{f"stage.{s}": v for s, v in step["status"].items()}})
-    metrics = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT", "loss") if step[k] is not None}
+    metrics = {k: step[k] for k in (*METRICS, "loss") if step[k] is not None}
     metrics.update({f"acc/{n}": v for n, v in step["scores"].items()})
     metrics.update({f"time/{s}": v for s, v in step["seconds"].items()})
     if step["lambda"] is not None:
         metrics.update({"opcm/lambda": step["lambda"], "opcm/sqrt_t": math.sqrt(step["t"])})
-    parent = {k: step[k] for k in ("A_KA", "A_ZS", "GM", "ACC", "BWT") if step[k] is not None}
+    parent = {k: step[k] for k in METRICS if step[k] is not None}
     parent.update({k: v for k, v in metrics.items() if k.startswith("opcm/")})
     parent.update({f"time/{s}": v for s, v in step["seconds"].items()})
     tracker.log_task(step["t"], step["task"], metrics, parent, tags, datasets, ws.data)

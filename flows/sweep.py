@@ -29,12 +29,10 @@ import yaml
 from prefect import flow
 
 from chronomerge.config import ConfigError, apply_overrides, validate
-from chronomerge.report import pct
+from chronomerge.report import METRICS, SUMMARY, pct
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
 from tasks.tracking import Tracker
-
-METRICS = ("A_KA", "A_ZS", "GM", "ACC", "BWT")
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -159,10 +157,10 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
     for r in summary["results"]:
         steps = json.loads((Path(r["outputs"]) / "history.json").read_text())["steps"]
-        for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
+        for ax, m in zip(axes, SUMMARY):
             ax.plot([s["t"] for s in steps], [float("nan") if s[m] is None else 100 * s[m] for s in steps],
                     label=r["point"], lw=1.2)
-    for ax, m in zip(axes, ("A_KA", "A_ZS", "GM")):
+    for ax, m in zip(axes, SUMMARY):
         ax.set_title(m)
         ax.set_xlabel("task t")
         ax.grid(alpha=0.3)

@@ -25,6 +25,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from chronomerge.store import pid_alive
+
 STREAM_TAG = "chronomerge.stream_key"
 
 
@@ -49,16 +51,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _chunks(items: list, n: int):
@@ -89,7 +81,7 @@ class Tracker:
         for run in self.client.search_runs([self.experiment_id], f"tags.`{STREAM_TAG}` = '{stream_key}' "
                                                                   "and attributes.status = 'RUNNING'"):
             tags = run.data.tags
-            if tags.get("chronomerge.host") == host and not _pid_alive(int(tags.get("chronomerge.pid", "0"))):
+            if tags.get("chronomerge.host") == host and not pid_alive(int(tags.get("chronomerge.pid", "0"))):
                 stale.append(run.info.run_id)
         for rid in stale:
             children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{rid}'")

@@ -157,10 +157,15 @@ def resolve_hparams(technique: str, hparams: Mapping[str, Any]) -> dict[str, Any
     return hp
 
 
+def takes_weights(technique: str, hp: Mapping[str, Any]) -> bool:
+    """Whether `technique` with hyperparameters `hp` merges with per-model weights (LiNeS over TIES does not)."""
+    return TECHNIQUES[technique].weighted and hp.get("over") != "ties"
+
+
 def check_weights(technique: str, weights: Sequence[float] | None, k: int, hp: Mapping[str, Any]) -> list[float] | None:
     if weights is None:
         return None
-    if not TECHNIQUES[technique].weighted or hp.get("over") == "ties":
+    if not takes_weights(technique, hp):
         allowed = sorted(n for n, t in TECHNIQUES.items() if t.weighted)
         raise ValueError(f"{technique} takes no per-model weights; techniques that do: {allowed}")
     w = [float(x) for x in weights]
