@@ -65,9 +65,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_techniques(args) -> int:
+    w = max(map(len, [*TECHNIQUES, *CONTINUAL])) + 1
     for name, t in TECHNIQUES.items():
         params = ", ".join(f"{k}={p.default!r} ({p.allowed})" for k, p in t.params.items()) or "-"
-        print(f"{name:17s} {t.reference}\n{'':17s} weights: {'yes' if t.weighted else 'no'}; {params}")
+        print(f"{name:{w}s} {t.reference}\n{'':{w}s} weights: {'yes' if t.weighted else 'no'}; {params}")
+    print("\ncontinual mergers (one model at a time; strategy.deploy.mode=continual, strategy.deploy.merger=NAME):")
+    for name, cls in CONTINUAL.items():
+        params = ", ".join(f"{k}={p.default!r} ({p.allowed})" for k, p in cls.PARAMS.items()) or "-"
+        print(f"{name:{w}s} {cls.reference}\n{'':{w}s} {params}")
     return 0
 
 

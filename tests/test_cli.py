@@ -48,3 +48,8 @@ def test_console_script_lists_techniques():
     out = subprocess.run([sys.executable, "-m", "chronomerge.cli", "techniques"], capture_output=True, text=True,
                          check=True).stdout
     assert "ties" in out and "keep=0.2" in out and "Yadav" in out
+    from chronomerge.merge import CONTINUAL, TECHNIQUES
+    listed = {line.split()[0] for line in out.splitlines() if line and not line[0].isspace() and ":" not in line[:30]}
+    assert set(TECHNIQUES) | set(CONTINUAL) <= listed  # every technique and continual merger is a row
+    assert all(cls.reference in out for cls in CONTINUAL.values())
+    assert "projection='block'" in out  # continual mergers' defaults are listed too

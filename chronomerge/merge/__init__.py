@@ -11,10 +11,10 @@ from chronomerge.merge.continual import (
     ContinualTIES,
     FisherMerge,
 )
+from chronomerge.merge.mergers import CONTINUAL, load_merger, save_merger
 from chronomerge.merge.opcm import OPCM
 from chronomerge.merge.recency import RECENCY, recency_weights
 from chronomerge.merge.registry import TECHNIQUES, merge, resolve_hparams
-from chronomerge.merge.state import CONTINUAL, load_merger, save_merger
 
 __all__ = [
     "CONTINUAL", "EMA", "OPCM", "RECENCY", "TECHNIQUES", "ContinualAverage", "ContinualMerger",

@@ -23,6 +23,7 @@ class ContinualMerger:
     """Base class: holds θ0, the step count t, the running merge and the hyperparameters."""
 
     name: ClassVar[str]
+    reference: ClassVar[str]  # the paper it implements, listed by `chronomerge techniques`
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("current",)
     SCALAR_FIELDS: ClassVar[tuple[str, ...]] = ()
@@ -74,6 +75,8 @@ class EMA(ContinualMerger):
     """TIME's EMA merge: θ^EMA_{t+1} = (1 − w)·θ^EMA_t + w·θ_t, θ^EMA_1 = θ0 (weight w on the new model)."""
 
     name = "ema"
+    reference = ("TIME's EMA axis: θ^(t) = (1 − w) θ^(t−1) + w θ_t "
+                 '(Roth et al. 2024, "How to Merge Your Multimodal Models Over Time?")')
     PARAMS = {"weight": P.fraction(0.5, False, False)}
 
     def _step(self, model, **extras):
@@ -85,6 +88,7 @@ class ContinualAverage(ContinualMerger):
     """Continual weight averaging (OPCM paper baseline): θ^(t) = ((t − 1)·θ^(t−1) + θ_t) / t."""
 
     name = "continual_average"
+    reference = "Continual weight averaging θ^(t) = ((t−1) θ^(t−1) + θ_t)/t, a baseline of OPCM (Tang et al. 2025)"
 
     def _step(self, model, **extras):
         return self._merge("average", [self.current or self.base, model], weights=[self.t - 1, 1])
@@ -94,6 +98,8 @@ class ContinualTaskArithmetic(ContinualMerger):
     """Continual task arithmetic (OPCM paper baseline): θ^(t) = θ^(t−1) + λ·τ_t, θ^(0) = θ0."""
 
     name = "continual_task_arithmetic"
+    reference = ("Continual task arithmetic θ^(t) = θ^(t−1) + λ τ_t (Ilharco et al. 2023), "
+                 "a baseline of OPCM (Tang et al. 2025)")
     PARAMS = {"scale": P.interval(0.3)}
 
     def _step(self, model, **extras):
@@ -113,6 +119,7 @@ class ContinualTIES(ContinualMerger):
     """
 
     name = "continual_ties"
+    reference = "Continual TIES (Yadav et al. 2023), a baseline of OPCM (Tang et al. 2025); `recurrence` picks the form"
     PARAMS = {"keep": P.fraction(0.2, True, False), "scale": P.interval(1.0),
               "scope": P.choice("tensor", "tensor", "model"), "aggregate": P.choice("mean", "mean", "sum"),
               "recurrence": P.choice("merge", "merge", "baseline")}
@@ -142,6 +149,8 @@ class FisherMerge(ContinualMerger):
     """
 
     name = "fisher_merge"
+    reference = ("Fisher-weighted merge with the previous merged model, F from AdamW's second moments "
+                 "(CMM, holistic continual merging)")
     PARAMS = {"alpha": P.fraction(0.4, False, False), "eps": P.interval(1e-8, 0, float("inf"), lo_open=True)}
     TENSOR_FIELDS = ("current", "fisher")
 

@@ -146,6 +146,7 @@ class OPCM(ContinualMerger):
     """Orthogonal-projection continual merging (see module docstring for the equations)."""
 
     name = "opcm"
+    reference = "Orthogonal projection-based continual merging with adaptive λ(t) (Tang et al. 2025, OPCM)"
     PARAMS = {"alpha": P.fraction(0.5, False, False), "scaling": P.choice("adaptive", "adaptive", "sqrt"),
               "zero_diagonal": P.choice(True, True, False), "projection": P.choice("block", "block", "eq5"),
               "rank_rule": P.choice("released", "released", "eq5"), "norm": P.choice("raw", "raw", "projected"),

@@ -1,4 +1,5 @@
-"""The registry of continual mergers and their round trip through the checkpoint store."""
+"""The registry of continual mergers (one row each: name → class, whose `reference` names its paper)
+and their round trip through the checkpoint store."""
 from __future__ import annotations
 
 from collections.abc import Sequence
