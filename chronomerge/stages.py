@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, us
 from chronomerge.evaluate import score, summarize
 from chronomerge.experts import import_expert
 from chronomerge.models import base_weights, create_model, get_tokenizer
-from chronomerge.store import CheckpointStore, atomic_write_bytes
+from chronomerge.store import CheckpointStore
 from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
 from chronomerge.train import TrainConfig, train
 
@@ -42,7 +42,9 @@ class Workspace:
     device: str = "cpu"
     progress: bool = False
 
-    def open_store(self) -> CheckpointStore:
+    @cached_property
+    def checkpoints(self) -> CheckpointStore:
+        """The workspace's one checkpoint store, opened (and stale temp files swept) on first use."""
         return CheckpointStore(self.store)
 
 
@@ -52,16 +54,6 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' is not allowed here: no CUDA device is visible; use 'auto' or 'cpu'")
     return name
-
-
-def task_to_dict(task: Task) -> dict[str, Any]:
-    return {"index": task.index, "name": task.name, "round": task.round, "rounds": task.rounds,
-            "parts": [[name, None if ids is None else list(ids)] for name, ids in task.parts], "expert": task.expert}
-
-
-def task_from_dict(d: Mapping[str, Any]) -> Task:
-    return Task(d["index"], d["name"], tuple((n, None if c is None else tuple(c)) for n, c in d["parts"]),
-                d["round"], d["rounds"], d.get("expert"))
 
 
 def build_tasks(stream: Mapping[str, Any]) -> list[Task]:
@@ -96,7 +88,7 @@ def task_digest(task: Task, digests: Mapping[str, str]) -> str:
     data = {n: digests[n] for n, _ in task.parts}
     if task.expert:
         data["expert"] = digests[f"expert:{task.expert}"]
-    return hashlib.sha256(json.dumps({"task": task_to_dict(task) | {"index": None, "name": None},
+    return hashlib.sha256(json.dumps({"task": task.to_dict() | {"index": None, "name": None},
                                       "data": data}, sort_keys=True).encode()).hexdigest()
 
 
@@ -121,7 +113,7 @@ def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], p
              data: Mapping[str, Any]) -> dict:
     """θ0 of architecture `arch`: weights from `model.pretrained` (an open_clip tag from the local
     cache, an open_clip safetensors file, an HF CLIP folder), or the embedded base pretrained on the pool."""
-    store = ws.open_store()
+    store = ws.checkpoints
     t0 = time.perf_counter()
     if model["pretrained"]:
         oid = store.put(base_weights(arch, model["pretrained"]), kind="base", technique="import",
@@ -136,7 +128,7 @@ def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], p
 def run_init(ws: Workspace, spec: Mapping[str, Any], base: str, experts: Sequence[str], previous: str | None) -> dict:
     """Stage 1, init θ^I_t from the store (`strategies.compose`, init axis)."""
     t0 = time.perf_counter()
-    oid = compose(ws.open_store(), spec, spec["mode"], base=base, experts=experts, previous=previous,
+    oid = compose(ws.checkpoints, spec, spec["mode"], base=base, experts=experts, previous=previous,
                   kind="merged", device=ws.device, extra={"role": "init", "t": len(experts) + 1})
     return {"init": oid, "seconds": time.perf_counter() - t0}
 
@@ -147,15 +139,15 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
 
     A task whose expert was trained elsewhere imports it instead (`chronomerge.experts`)."""
     t0 = time.perf_counter()
-    store = ws.open_store()
-    t = task_from_dict(task)
+    store = ws.checkpoints
+    t = Task.from_dict(task)
     if t.expert:
         return import_expert(store, t, base, data_digest) | {"seconds": time.perf_counter() - t0}
     tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
     model = load_model(store, init, arch)
     tok = get_tokenizer(arch)
     pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
-    prev = [task_split(ws.data, task_from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
+    prev = [task_split(ws.data, Task.from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
     result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
                    replay_pool=pool, previous=prev)
     hp = {k: v for k, v in cfg.items() if k not in ("bf16", "compile")} | {"seed": tc.seed}
@@ -168,21 +160,15 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
             "images_per_second": result.images_per_second}
 
 
-def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str) -> dict:
-    """Stage 3, store: verify θ^S_t bit for bit and add it to S; the new S is written as a manifest."""
-    store = ws.open_store()
+def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str | None) -> dict:
+    """Stage 3, store: verify θ^S_t bit for bit and add it (and its Fisher) to the store S."""
+    store = ws.checkpoints
     t0 = time.perf_counter()
     for oid in (expert, fisher):
         if oid is not None:  # an imported expert has no Fisher
             store.verify(oid)
-    new = {"experts": [*storage["experts"], expert], "fishers": [*storage["fishers"], fisher]}
-    body = json.dumps(new, sort_keys=True).encode()
-    manifest = hashlib.sha256(body).hexdigest()
-    path = Path(ws.store) / "storage" / f"{manifest}.json"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(path, body)
-    return {**new, "manifest": manifest, "seconds": time.perf_counter() - t0}
+    return {"experts": [*storage["experts"], expert], "fishers": [*storage["fishers"], fisher],
+            "seconds": time.perf_counter() - t0}
 
 
 def run_deploy(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], base: str, experts: Sequence[str],
@@ -192,7 +178,7 @@ def run_deploy(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], 
     merger (`strategies.continual_step`), then optionally CMM's post-merge alignment to the
     previous merged model (θ0 at t = 1) on task t's images."""
     t0 = time.perf_counter()
-    store = ws.open_store()
+    store = ws.checkpoints
     t = len(experts)
     extra = {"role": "deploy", "t": t}
     out: dict[str, Any] = {}
@@ -221,10 +207,10 @@ def run_deploy(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], 
 
 def _align(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], merged: Mapping[str, torch.Tensor],
            reference: str, task: Mapping[str, Any]) -> torch.Tensor:
-    store = ws.open_store()
+    store = ws.checkpoints
     model = create_model(arch)
     model.load_state_dict(dict(merged))
-    t = task_from_dict(task)
+    t = Task.from_dict(task)
     return align_projection(model, load_model(store, reference, arch), task_split(ws.data, t, "train"),
                             loss=spec["align"], lr=spec["align_lr"], batch_size=spec["align_batch_size"],
                             device=ws.device, seed=t.index)
@@ -237,13 +223,13 @@ def run_eval(ws: Workspace, arch: Mapping[str, Any], deployed: str, tasks: Seque
     a dataset). `digests` names the data scored, so regenerated test sets are scored again (it is
     part of the cache key)."""
     t0 = time.perf_counter()
-    model = load_model(ws.open_store(), deployed, arch).to(ws.device)
+    model = load_model(ws.checkpoints, deployed, arch).to(ws.device)
     tok = get_tokenizer(arch)
     names = [*sets["adaptation"], *sets["held_out"]]
     scores = {name: score(model, tok, load_split(ws.data, name, "test"), ws.device) for name in names}
     row: list[float | None] = []
     for d in tasks:
-        t = task_from_dict(d)
+        t = Task.from_dict(d)
         whole = len(t.parts) == 1 and t.parts[0][1] is None and t.parts[0][0] in scores
         row.append(None if not t.parts else scores[t.parts[0][0]] if whole
                    else score(model, tok, task_split(ws.data, t, "test"), ws.device))

@@ -89,13 +89,13 @@ def cmd_resume(args) -> int:
     return cmd_run(args, validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN)))
 
 
-def peek_stage(stage_task, ws, *args):
+def peek_stage(stage_task, ws, /, **inputs):
     """The persisted result of a stage for these inputs, without running it (None when absent)."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     from tasks.cache import stage_key
 
-    params = dict(inspect.signature(stage_task.fn).bind(ws, *args).arguments)
+    params = dict(inspect.signature(stage_task.fn).bind(ws, **inputs).arguments)
     path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(
         stage_task.name, stage_task.code_version, params
     )

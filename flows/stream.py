@@ -27,7 +27,7 @@ from chronomerge.evaluate import acc_bwt
 from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
 from chronomerge.report import METRICS, SUMMARY, scores_line, task_vector_cosines, write_report, write_results
-from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest, task_to_dict
+from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest
 from chronomerge.store import CheckpointStore, atomic_write_bytes
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
@@ -85,19 +85,23 @@ def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
     return any(i not in store for i in ids if i is not None)  # an imported expert has no Fisher
 
 
-def run_stage(task, ws: Workspace, *args) -> tuple[dict, str]:
-    """Run a stage task; returns (output, 'computed' | 'cached').
+def run_stage(stage_task, ws: Workspace, /, **inputs) -> tuple[dict, str]:
+    """Run a stage task on its named inputs; returns (output, 'computed' | 'cached').
 
     A cached result that names a checkpoint missing from the store (a deleted or replaced store)
     is recomputed rather than trusted.
     """
-    state = task(ws, *args, return_state=True)
+    state = stage_task(ws, **inputs, return_state=True)
     out = state.result()
     cached = state.name == "Cached"
-    if cached and _missing(ws.open_store(), out):
-        state = task.with_options(refresh_cache=True)(ws, *args, return_state=True)
+    if cached and _missing(ws.checkpoints, out):
+        state = stage_task.with_options(refresh_cache=True)(ws, **inputs, return_state=True)
         out, cached = state.result(), False
     return out, "cached" if cached else "computed"
+
+
+class _NotRun(Exception):
+    """The runner did not run a stage (`status` walks only what is cached): the walk stops there."""
 
 
 @flow(name="chronomerge-stream", validate_parameters=False)
@@ -140,49 +144,55 @@ def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dic
 
 
 def walk(cfg: Config, ws: Workspace, digests: dict, arch: dict, sets: dict, runner=run_stage):
-    """The stream's stages in order, each through `runner(task, ws, *args) -> (output, status)`.
+    """The stream's stages in order, each through `runner(stage_task, ws, **inputs) -> (output, status)`.
 
-    Yields ("base", output, status) once, then one (task, outputs, statuses) per step t. Stops
-    early when `runner` returns None (`status` uses this to walk the cache without computing).
-    `arch` and `sets` are what `check(cfg)` returns.
+    Yields ("base", output, status) once, then one (task, outputs, statuses) per step t, the
+    outputs and statuses keyed by stage name. Stops early when `runner` returns None (`status` uses
+    this to walk the cache without computing). `arch` and `sets` are what `check(cfg)` returns.
     """
     c = cfg.to_dict()
-    got = runner(base, ws, arch, c["model"], c["pretrain"], c["data"])
+    got = runner(base, ws, arch=arch, model=c["model"], pretrain=c["pretrain"], data=c["data"])
     if got is None:
         return
-    yield "base", got[0], got[1]
+    yield "base", *got
     theta0 = got[0]["base"]
     stream = build_tasks(c["stream"])
+    train_cfg = c["train"]
     if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
         stream = [dataclasses.replace(multitask(stream), index=0)]
-        c["train"] = {**c["train"], "steps": c["train"]["steps"] * cfg.stream.length}
+        train_cfg = {**train_cfg, "steps": train_cfg["steps"] * cfg.stream.length}
     eval_digests = {n: digests[n] for n in [*sets["adaptation"], *sets["held_out"]]}
-    storage: dict[str, list[str]] = {"experts": [], "fishers": []}
+    storage: dict[str, list] = {"experts": [], "fishers": []}  # the store S: experts so far, their Fishers
     prev_init = prev_deploy = prev_state = None
     for t, task in enumerate(stream, 1):
-        replay = [task_to_dict(x) for x in stream[:t - 1]] if cfg.train.replay_previous else []
-        calls = {
-            "init": lambda o: (init, c["strategy"]["init"], theta0, storage["experts"], prev_init),
-            "train": lambda o: (train, c["train"], arch, task_to_dict(task), o["init"]["init"],
-                                task_digest(task, digests), replay, theta0),
-            "store": lambda o: (store, storage, o["train"]["expert"], o["train"]["fisher"]),
-            "deploy": lambda o: (deploy, c["strategy"]["deploy"], arch, theta0, o["store"]["experts"],
-                                 o["store"]["fishers"], prev_deploy, prev_state, task_to_dict(task)),
-            "eval": lambda o: (evaluate, arch, o["deploy"]["deployed"],
-                               [task_to_dict(x) for x in stream[:t]], sets, eval_digests),
-        }
-        outs, status = {}, {}
-        for name in STAGES:
-            stage_task, *args = calls[name](outs)
-            got = runner(stage_task, ws, *args)
+        outs: dict[str, dict] = {}
+        status: dict[str, str] = {}
+
+        def run(name: str, stage_task, /, **inputs) -> dict:
+            got = runner(stage_task, ws, **inputs)
             if got is None:
-                yield task, outs, status
-                return
+                raise _NotRun
             outs[name], status[name] = got
+            return got[0]
+
+        try:
+            initialized = run("init", init, spec=c["strategy"]["init"], base=theta0, experts=storage["experts"],
+                              previous=prev_init)
+            trained = run("train", train, cfg=train_cfg, arch=arch, task=task.to_dict(), init=initialized["init"],
+                          data_digest=task_digest(task, digests), base=theta0,
+                          previous_tasks=[x.to_dict() for x in stream[:t - 1]] if cfg.train.replay_previous else [])
+            stored = run("store", store, storage=storage, expert=trained["expert"], fisher=trained["fisher"])
+            deployed = run("deploy", deploy, spec=c["strategy"]["deploy"], arch=arch, base=theta0,
+                           experts=stored["experts"], fishers=stored["fishers"], previous=prev_deploy,
+                           previous_state=prev_state, task=task.to_dict())
+            run("eval", evaluate, arch=arch, deployed=deployed["deployed"], tasks=[x.to_dict() for x in stream[:t]],
+                sets=sets, digests=eval_digests)
+        except _NotRun:
+            yield task, outs, status
+            return
         yield task, outs, status
-        storage = {"experts": outs["store"]["experts"], "fishers": outs["store"]["fishers"]}
-        prev_init, prev_deploy = outs["init"]["init"], outs["deploy"]["deployed"]
-        prev_state = outs["deploy"].get("state")
+        storage = {"experts": stored["experts"], "fishers": stored["fishers"]}
+        prev_init, prev_deploy, prev_state = initialized["init"], deployed["deployed"], deployed.get("state")
 
 
 def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
@@ -202,7 +212,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         rows.append(outs["eval"]["row"])
         e_out = outs["eval"]
         ids = {"init": outs["init"]["init"], "expert": outs["train"]["expert"], "fisher": outs["train"]["fisher"],
-               "deployed": outs["deploy"]["deployed"], "storage": outs["store"]["manifest"]}
+               "deployed": outs["deploy"]["deployed"]}
         step = {"t": t, "task": task.name, "A_KA": e_out["A_KA"], "A_ZS": e_out["A_ZS"], "GM": e_out["GM"],
                 **acc_bwt(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
@@ -219,7 +229,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
     )
     experts = [s["checkpoints"]["expert"] for s in steps]
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
-               "task_vector_cosine": task_vector_cosines(ws.open_store(), theta0, experts)}
+               "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
             "stages": stages, "compute_seconds": compute, "history": history, "matrix": rows,
             "scores": steps[-1]["scores"],
@@ -227,7 +237,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
 
 
 def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: str, datasets: dict) -> None:
-    store_ = ws.open_store()
+    store_ = ws.checkpoints
     ids = step["checkpoints"]
     tags = {f"lineage.{k}": v for k, v in ids.items()}
     tags.update({f"lineage.{k}.parents": ",".join(store_.meta(ids[k])["parents"])

@@ -13,8 +13,10 @@ the task trains on all of it) or an expert trained elsewhere with an optional da
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +41,17 @@ class Task:
     @property
     def datasets(self) -> list[str]:
         return [name for name, _ in self.parts]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as JSON-able values (how it travels to a stage and into its cache key)."""
+        return {"index": self.index, "name": self.name, "round": self.round, "rounds": self.rounds,
+                "parts": [[name, None if ids is None else list(ids)] for name, ids in self.parts],
+                "expert": self.expert}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Task:
+        return cls(d["index"], d["name"], tuple((n, None if c is None else tuple(c)) for n, c in d["parts"]),
+                   d["round"], d["rounds"], d.get("expert"))
 
 
 def build_stream(kind: str, length: int, seed: int = 0) -> list[Task]:
