@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chronomerge.benchmark import PRETRAIN, ensure_base, load_model  # noqa: E402
-from chronomerge.config import load_config  # noqa: E402
+from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
+from chronomerge.config import (
+    load_config,  # noqa: E402
+)
 from chronomerge.data import prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import score  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import get_tokenizer  # noqa: E402
+from chronomerge.models import (
+    get_tokenizer,  # noqa: E402
+    load_model,  # noqa: E402
+)
 from chronomerge.store import CheckpointStore  # noqa: E402
-from chronomerge.train import TrainConfig, train  # noqa: E402
+from chronomerge.train import train  # noqa: E402
 
 ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 
@@ -38,8 +42,7 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[0, 3, 5], help="task indices of the default stream")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* override")
     args = p.parse_args()
-    raw = load_config(None, args.set).to_dict()  # the default recipe and the --set overrides
-    cfg = TrainConfig(**raw["train"])
+    cfg = load_config(None, args.set).train  # the default recipe and the --set overrides
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
     base = load_model(store, ensure_base(store, args.data, args.seed, cfg=PRETRAIN))
@@ -49,7 +52,7 @@ def main() -> None:
     for t in args.tasks:
         tr, te = task_split(args.data, tasks[t], "train"), task_split(args.data, tasks[t], "test")
         expert = copy.deepcopy(base)
-        train(expert, tr, dataclasses.replace(cfg, seed=args.seed), tokenizer=tok)
+        train(expert, tr, cfg.model_copy(update={"seed": args.seed}), tokenizer=tok)
         zs = score(base, tok, te, "cpu")
         gains = []
         for a in ALPHAS:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import tempfile
@@ -35,15 +34,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chronomerge.benchmark import PRETRAIN, ensure_base, load_model  # noqa: E402
+from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
 from chronomerge.config import apply_overrides, load_config  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import TINY, arch_of, get_tokenizer  # noqa: E402
+from chronomerge.models import (  # noqa: E402
+    TINY,
+    arch_of,
+    get_tokenizer,
+    load_model,  # noqa: E402
+)
 from chronomerge.store import CheckpointStore  # noqa: E402
-from chronomerge.train import TrainConfig, train  # noqa: E402
+from chronomerge.train import train  # noqa: E402
 
 PARTS = ("zs", "experts", "merge", "seq", "streams")
 MERGED = 8  # mergeability is measured on the first 8 experts, like the papers' 8-task setting
@@ -86,13 +90,13 @@ def main() -> None:
     out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], "recipe": raw["train"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
-    cfg = TrainConfig(**raw["train"])
-    cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg = load_config(None, args.set).train
+    cfg = cfg.model_copy(update={"seed": args.seed})
 
     def expert(t: int, mode: str) -> torch.nn.Module:
         """An expert for task t trained from θ0 (mode vision: against θ0's zero-shot head)."""
         m = copy.deepcopy(base)
-        train(m, train_sets[t], dataclasses.replace(cfg, mode=mode), tokenizer=tok)
+        train(m, train_sets[t], cfg.model_copy(update={"mode": mode}), tokenizer=tok)
         return m
 
     def own_scores(model, n: int) -> list[float]:

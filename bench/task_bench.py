@@ -17,13 +17,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chronomerge.benchmark import ensure_base, load_model  # noqa: E402
+from chronomerge.benchmark import ensure_base  # noqa: E402
+from chronomerge.config import TrainSection
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import evaluate  # noqa: E402
-from chronomerge.models import get_tokenizer  # noqa: E402
+from chronomerge.models import (
+    get_tokenizer,  # noqa: E402
+    load_model,  # noqa: E402
+)
 from chronomerge.store import CheckpointStore  # noqa: E402
-from chronomerge.train import TrainConfig, train  # noqa: E402
+from chronomerge.train import train  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +35,8 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--store", default="store")
     p.add_argument("--task", type=int, default=0)
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--steps", type=int, default=TrainSection.model_fields["steps"].default)
+    p.add_argument("--lr", type=float, default=TrainSection.model_fields["lr"].default)
     args = p.parse_args()
     prepare(args.data, 0)
     store = CheckpointStore(args.store)
@@ -44,7 +48,7 @@ def main() -> None:
     sets = {d.name: load_split(args.data, d.name, "test") for d in catalog.ADAPTATION + catalog.EVALUATION}
     model = copy.deepcopy(base)
     t1 = time.perf_counter()
-    res = train(model, tr, TrainConfig(steps=args.steps, lr=args.lr), tokenizer=tok)
+    res = train(model, tr, TrainSection(steps=args.steps, lr=args.lr), tokenizer=tok)
     t2 = time.perf_counter()
     evaluate(model, tok, sets, "cpu")
     t3 = time.perf_counter()

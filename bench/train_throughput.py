@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chronomerge.config import TrainSection
 from chronomerge.data.generate import Split  # noqa: E402
 from chronomerge.evaluate import encode_images  # noqa: E402
 from chronomerge.models import create_model, get_tokenizer, model_input, preprocess_of  # noqa: E402
-from chronomerge.train import TrainConfig, train  # noqa: E402
+from chronomerge.train import train  # noqa: E402
 
 
 def bare_loop(model, images, tokens, batch, steps, device, compile_):
@@ -86,7 +87,7 @@ def measure(model_name: str, batch: int, steps: int, dev: torch.device, compile_
     bare = bare_loop(create_model(model_name), torch.from_numpy(images).to(dev), tok(captions).to(dev),
                      batch, steps, dev, compile_)
     model = create_model(model_name)
-    res = train(model, split, TrainConfig(steps=steps, batch_size=batch, compile=compile_, lr=1e-4),
+    res = train(model, split, TrainSection(steps=steps, batch_size=batch, compile=compile_, lr=1e-4),
                 tokenizer=tok, device=dev)
     enc = encode_rate(model, images, dev, max(encode, 1))
     return {"model": model_name, "device": str(dev), "batch": batch, "compile": compile_,

@@ -1,50 +1,44 @@
-"""The embedded benchmark's base model: pretrained once on the pretraining pool, cached in the store.
+"""The embedded benchmark's base model θ0: pretrained once on the pretraining pool, cached in the store.
 
 The cache key is the pretraining recipe (model, seed, data digest, training config), so a
 changed recipe pretrains again and an unchanged one reuses the stored base.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from chronomerge.config import PretrainSection, TrainSection
 from chronomerge.data import catalog, load_split
 from chronomerge.data.generate import prepare
 from chronomerge.models import TINY, arch_of, create_model, get_tokenizer
 from chronomerge.store import CheckpointStore
-from chronomerge.train import TrainConfig, pretrain
+from chronomerge.train import pretrain
 
-PRETRAIN = TrainConfig(steps=3000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=0.05)
-
-
-def load_model(store: CheckpointStore, oid: str, arch: str | Mapping[str, Any] = TINY) -> torch.nn.Module:
-    """Checkpoint `oid` in an open_clip model of `arch` (an architecture dict or an open_clip name)."""
-    model = create_model(arch)
-    model.load_state_dict(store.load(oid))
-    return model.eval()
+# The default pretraining recipe: params.yaml's `pretrain` section, the rest of training at its defaults.
+PRETRAIN = TrainSection(**PretrainSection().model_dump())
 
 
 def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0,
-                arch: str | Mapping[str, Any] = TINY, cfg: TrainConfig = PRETRAIN, device: str = "cpu",
-                size_factor: float = 1.0) -> str:
+                arch: str | Mapping[str, Any] = TINY, cfg: TrainSection = PRETRAIN, device: str = "cpu",
+                size_factor: float = 1.0, progress: bool = False) -> str:
     """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
     name = arch_of(arch)["name"]
     digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
     recipe = {"model": name, "seed": seed, "data": digests[catalog.PRETRAIN.name],
-              "train": dataclasses.asdict(dataclasses.replace(cfg, progress=False))}
+              # "progress": False keeps the recipe's shape (and so the ids of stored bases) as it has been
+              "train": {**cfg.model_dump(), "progress": False}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     ref = f"base-{key}"
     if (oid := store.ref(ref)) is not None:
         return oid
     model = create_model(arch, seed=seed)
     result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
-                      dataclasses.replace(cfg, seed=seed), tokenizer=get_tokenizer(arch), device=device)
+                      cfg.model_copy(update={"seed": seed}), tokenizer=get_tokenizer(arch), device=device,
+                      progress=progress)
     oid = store.put(result.state, kind="base", data_digest=recipe["data"], technique="pretrain",
                     hparams=recipe["train"], extra={"model": name, "seed": seed})
     store.set_ref(ref, oid)

@@ -240,6 +240,14 @@ def preprocess_of(model: torch.nn.Module) -> dict[str, Any]:
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
+def load_model(store, oid: str, arch: str | Mapping[str, Any] = TINY) -> torch.nn.Module:
+    """Checkpoint `oid` of a `CheckpointStore` in an open_clip model of `arch` (an architecture dict
+    or an open_clip name), in eval mode."""
+    model = create_model(arch)
+    model.load_state_dict(store.load(oid))
+    return model.eval()
+
+
 def autocast(device, bf16: bool = True):
     """bf16 autocast on a GPU (training and evaluation alike); full precision on the CPU."""
     if torch.device(device).type == "cuda" and bf16:

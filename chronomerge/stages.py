@@ -18,16 +18,17 @@ import torch
 
 from chronomerge.align import PROJECTION, align_projection
 from chronomerge.arrivals import digest_arrived
-from chronomerge.benchmark import ensure_base, load_model
+from chronomerge.benchmark import ensure_base
 from chronomerge.checkpoints import read_checkpoint
+from chronomerge.config import TrainSection
 from chronomerge.data import catalog, load_split, prepare
 from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, user_stream
 from chronomerge.evaluate import score, summarize
 from chronomerge.experts import import_expert
-from chronomerge.models import base_weights, create_model, get_tokenizer
+from chronomerge.models import base_weights, create_model, get_tokenizer, load_model
 from chronomerge.store import CheckpointStore
 from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
-from chronomerge.train import TrainConfig, train
+from chronomerge.train import train
 
 HELD_OUT = [d.name for d in catalog.EVALUATION]
 ADAPTATION = [d.name for d in catalog.ADAPTATION]
@@ -119,8 +120,8 @@ def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], p
         oid = store.put(base_weights(arch, model["pretrained"]), kind="base", technique="import",
                         extra={"model": arch["name"], "pretrained": model["pretrained"]})
     else:
-        cfg = TrainConfig(**pretrain, progress=ws.progress)
-        oid = ensure_base(store, ws.data, data["seed"], arch, cfg, ws.device, data["size_factor"])
+        oid = ensure_base(store, ws.data, data["seed"], arch, TrainSection(**pretrain), ws.device, data["size_factor"],
+                          progress=ws.progress)
     return {"base": oid, "seconds": time.perf_counter() - t0}
 
 
@@ -143,13 +144,13 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
     t = Task.from_dict(task)
     if t.expert:
         return import_expert(store, t, base, data_digest) | {"seconds": time.perf_counter() - t0}
-    tc = TrainConfig(**{**cfg, "seed": 1000 * cfg["seed"] + t.index}, progress=ws.progress)
+    tc = TrainSection(**{**cfg, "seed": 1000 * cfg["seed"] + t.index})
     model = load_model(store, init, arch)
     tok = get_tokenizer(arch)
     pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
     prev = [task_split(ws.data, Task.from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
     result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
-                   replay_pool=pool, previous=prev)
+                   replay_pool=pool, previous=prev, progress=ws.progress)
     hp = {k: v for k, v in cfg.items() if k not in ("bf16", "compile")} | {"seed": tc.seed}
     expert = store.put(result.state, kind="expert", parents=[init], technique="finetune", hparams=hp,
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})

@@ -20,29 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from chronomerge.config import TrainSection
 from chronomerge.data import Split
 from chronomerge.models import autocast, model_input, preprocess_of
 
-MODES = ("clip", "vision", "linear")
 TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 64
-    lr: float = 2e-4
-    weight_decay: float = 0.1
-    warmup: float = 0.1
-    grad_clip: float = 1.0
-    mode: str = "clip"              # clip | vision
-    train_text: bool = True
-    replay_pretrain: float = 0.0    # fraction of each batch drawn from the pretraining pool
-    replay_previous: float = 0.0    # fraction of each batch drawn from earlier tasks
-    seed: int = 0
-    bf16: bool = True               # autocast on a GPU
-    compile: bool = False           # torch.compile on a GPU
-    progress: bool = False
 
 
 @dataclass
@@ -54,7 +36,7 @@ class TrainResult:
     images_per_second: float = 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainSection) -> float:
     """Linear warm-up over the first `warmup` fraction of steps, then cosine decay to 0."""
     warm = max(1, int(round(cfg.warmup * cfg.steps)))
     if step < warm:
@@ -71,28 +53,18 @@ def _batch_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(n, (k,), generator=gen)
 
 
-def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, device="cpu",
+def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, device="cpu",
           replay_pool: Split | None = None, previous: Sequence[Split] = (),
-          head: torch.Tensor | None = None) -> TrainResult:
+          head: torch.Tensor | None = None, progress: bool = False) -> TrainResult:
     """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
 
-    `mode="clip"`: symmetric InfoNCE between images and their captions (text tower trained unless
-    `train_text=False`). `mode="linear"`: as "vision", but the image tower is linearized around the
-    weights it starts from (CMM pre-merge; see `Linearized`). `mode="vision"`: cross-entropy of `logit_scale
-    · f(x) · head` over the task's
-    classes with the text tower frozen; `head` defaults to the zero-shot head of `model` as given.
+    `cfg` is params.yaml's validated `train` section (`chronomerge.config.TrainSection`), so its
+    values are already checked. `mode="clip"`: symmetric InfoNCE between images and their captions
+    (text tower trained unless `train_text=False`). `mode="linear"`: as "vision", but the image tower
+    is linearized around the weights it starts from (CMM pre-merge; see `Linearized`).
+    `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's classes with the
+    text tower frozen; `head` defaults to the zero-shot head of `model` as given. `progress` shows a bar.
     """
-    for name in ("steps", "batch_size"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise ValueError(f"train.{name}={getattr(cfg, name)!r} is not allowed; expected an integer >= 1")
-    if not cfg.lr > 0:
-        raise ValueError(f"train.lr={cfg.lr!r} is not allowed; expected a number > 0")
-    if cfg.mode not in MODES:
-        raise ValueError(f"train.mode={cfg.mode!r} is not allowed; expected one of {list(MODES)}")
-    if cfg.mode != "clip" and (cfg.replay_pretrain or cfg.replay_previous):
-        raise ValueError("replay needs captions: use it with train.mode='clip'")
-    if cfg.replay_pretrain + cfg.replay_previous >= 1:
-        raise ValueError("train.replay_pretrain + train.replay_previous must be < 1")
     if cfg.replay_pretrain and replay_pool is None:
         raise ValueError("train.replay_pretrain > 0 needs the pretraining pool (replay_pool)")
     dev = torch.device(device)
@@ -106,7 +78,7 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
     with (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
         return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
-                      head=head)
+                      head=head, progress=progress)
 
 
 # torch's forward-mode AD levels (and the attention fast-path switch) are process-global: linearized
@@ -114,7 +86,7 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainConfig, *, tokenizer, d
 _FORWARD_AD = threading.Lock()
 
 
-def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> TrainResult:
+def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, progress) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     lin = Linearized(model) if cfg.mode == "linear" else None
     params = lin.tau if lin else {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -150,7 +122,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head) -> 
     pp = preprocess_of(model)
     model.train()
     losses = []
-    bar = _progress(cfg)
+    bar = _progress(cfg) if progress else None
     skip = min(10, cfg.steps // 5)  # steady-state throughput excludes warm-up (and compilation) steps
     t0 = t_steady = time.perf_counter()
     for step in range(cfg.steps):
@@ -242,9 +214,7 @@ def _split_counts(batch: int, weights: list[float]) -> list[int]:
     return counts
 
 
-def _progress(cfg: TrainConfig):
-    if not cfg.progress:
-        return None
+def _progress(cfg: TrainSection):
     from tqdm import tqdm
     return tqdm(total=cfg.steps, desc=f"train ({cfg.mode})", leave=False)
 
@@ -264,8 +234,9 @@ def _vision_step(model, x, labels, head) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainConfig, *, tokenizer, device="cpu") -> TrainResult:
+def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainSection, *, tokenizer, device="cpu",
+             progress: bool = False) -> TrainResult:
     """Contrastive pretraining of the embedded base model on the pretraining pool's captions."""
     if cfg.mode != "clip":
         raise ValueError("pretraining is contrastive: train.mode must be 'clip'")
-    return train(model, pool, cfg, tokenizer=tokenizer, device=device)
+    return train(model, pool, cfg, tokenizer=tokenizer, device=device, progress=progress)

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from chronomerge.align import align_projection
+from chronomerge.config import TrainSection
 from chronomerge.data import catalog
 from chronomerge.data.generate import generate
 from chronomerge.evaluate import zero_shot_accuracy
 from chronomerge.models import create_model, get_tokenizer, model_input, preprocess_of
-from chronomerge.train import Linearized, TrainConfig, is_text_param, train
+from chronomerge.train import Linearized, is_text_param, train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_linearized_fine_tuning_trains_only_the_image_tower_and_fits_the_task(ta
     model = create_model(seed=0)
     before = copy.deepcopy(model.state_dict())
     acc0 = zero_shot_accuracy(model, tok, task, "cpu")
-    res = train(model, task, TrainConfig(steps=40, batch_size=32, lr=2e-3, mode="linear"), tokenizer=tok)
+    res = train(model, task, TrainSection(steps=40, batch_size=32, lr=2e-3, mode="linear"), tokenizer=tok)
     assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
     for k, v in res.state.items():
         assert torch.equal(v, before[k]) == (not k.startswith("visual.")), k

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from chronomerge.config import ConfigError, TrainSection, validate
 from chronomerge.data import catalog
 from chronomerge.data.generate import Split, generate
 from chronomerge.evaluate import acc_bwt, chance, retrieval_recall, summarize, zero_shot_accuracy
 from chronomerge.models import create_model, get_tokenizer
-from chronomerge.train import TrainConfig, is_text_param, lr_at, train
+from chronomerge.train import is_text_param, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +26,14 @@ def task():
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.1)
+    cfg = TrainSection(steps=100, lr=1.0, warmup=0.1)
     assert [round(lr_at(s, cfg), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(55, cfg) == pytest.approx(0.5)
     assert lr_at(99, cfg) < 0.001
 
 
 def test_contrastive_training_lowers_the_loss_and_is_deterministic(task, tok):
-    cfg = TrainConfig(steps=12, batch_size=32, lr=1e-3)
+    cfg = TrainSection(steps=12, batch_size=32, lr=1e-3)
     a, b = create_model(seed=0), create_model(seed=0)
     ra = train(a, task, cfg, tokenizer=tok)
     rb = train(b, task, cfg, tokenizer=tok)
@@ -46,7 +47,7 @@ def test_vision_only_training_keeps_the_text_tower_and_fits_the_task(task, tok):
     model = create_model(seed=0)
     before = copy.deepcopy(model.state_dict())
     acc0 = zero_shot_accuracy(model, tok, task, "cpu")
-    res = train(model, task, TrainConfig(steps=60, batch_size=32, lr=2e-3, mode="vision"), tokenizer=tok)
+    res = train(model, task, TrainSection(steps=60, batch_size=32, lr=2e-3, mode="vision"), tokenizer=tok)
     for k, v in res.state.items():
         if is_text_param(k):
             assert torch.equal(v, before[k]), k
@@ -58,7 +59,7 @@ def test_vision_only_training_keeps_the_text_tower_and_fits_the_task(task, tok):
 def test_frozen_text_tower_in_contrastive_mode(task, tok):
     model = create_model(seed=0)
     before = model.state_dict()["token_embedding.weight"].clone()
-    train(model, task, TrainConfig(steps=3, batch_size=16, train_text=False), tokenizer=tok)
+    train(model, task, TrainSection(steps=3, batch_size=16, train_text=False), tokenizer=tok)
     assert torch.equal(model.state_dict()["token_embedding.weight"], before)
 
 
@@ -68,7 +69,7 @@ def test_replay_mixes_in_the_pretraining_pool_and_earlier_tasks(task, tok):
     pool = generate(catalog.PRETRAIN, "train", 0, size_factor=0.01)
     earlier = generate(catalog.ALL["letters-photo"], "train", 0, size_factor=0.1)
     inverted = lambda s: dataclasses.replace(s, images=255 - s.images)  # noqa: E731
-    cfg = TrainConfig(steps=3, batch_size=16, replay_pretrain=0.25, replay_previous=0.25)
+    cfg = TrainSection(steps=3, batch_size=16, replay_pretrain=0.25, replay_previous=0.25)
 
     def run(cfg, pool, earlier):
         return train(create_model(seed=0), task, cfg, tokenizer=tok, replay_pool=pool, previous=[earlier]).state
@@ -77,20 +78,26 @@ def test_replay_mixes_in_the_pretraining_pool_and_earlier_tasks(task, tok):
     w = "visual.conv1.weight"
     assert not torch.equal(both[w], run(cfg, inverted(pool), earlier)[w])
     assert not torch.equal(both[w], run(cfg, pool, inverted(earlier))[w])
-    assert not torch.equal(both[w], run(TrainConfig(steps=3, batch_size=16), pool, earlier)[w])
+    assert not torch.equal(both[w], run(TrainSection(steps=3, batch_size=16), pool, earlier)[w])
     assert all(torch.isfinite(v).all() for v in both.values())
 
 
-@pytest.mark.parametrize("cfg,pattern", [
-    (TrainConfig(mode="lora"), r"train.mode='lora'"),
-    (TrainConfig(mode="vision", replay_pretrain=0.2), "replay needs captions"),
-    (TrainConfig(replay_pretrain=0.6, replay_previous=0.5), "must be < 1"),
-    (TrainConfig(replay_pretrain=0.2), "needs the pretraining pool"),
-    (TrainConfig(steps=0), r"train.steps=0"),
+@pytest.mark.parametrize("section,pattern", [
+    ({"mode": "lora"}, r"train.mode: 'lora' is not allowed; expected one of 'clip', 'vision' or 'linear'"),
+    ({"mode": "vision", "replay_pretrain": 0.2}, "train: replay needs captions"),
+    ({"replay_pretrain": 0.6, "replay_previous": 0.5}, r"train: replay_pretrain \+ replay_previous must be < 1"),
+    ({"steps": 0}, r"train.steps: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"lr": 0}, r"train.lr: Input should be greater than 0 \(got 0\)"),
 ])
-def test_bad_training_config(cfg, pattern, task, tok):
-    with pytest.raises(ValueError, match=pattern):
-        train(create_model(), task, cfg, tokenizer=tok)
+def test_bad_training_config_is_refused_by_the_schema_naming_the_field(section, pattern):
+    """train() takes the validated section: the schema is the one place its values are checked."""
+    with pytest.raises(ConfigError, match=pattern):
+        validate({"train": section})
+
+
+def test_replay_of_the_pretraining_pool_needs_the_pool(task, tok):
+    with pytest.raises(ValueError, match="needs the pretraining pool"):
+        train(create_model(), task, TrainSection(replay_pretrain=0.2), tokenizer=tok)
 
 
 def test_metrics():
