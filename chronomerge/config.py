@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,21 +314,43 @@ def _known_fields(section: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def apply_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw params dict."""
-    out = copy.deepcopy(raw)
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+def dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as `{"section.field": value}` (an empty dict is a value); the one flattening."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def with_values(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the raw params dict with each dotted field of `values` set to its value (data, not
+    text): a sweep point, a sweep's base, an update's stream."""
+    out = copy.deepcopy(dict(raw))
+    for key, value in values.items():
         node = out
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"{key!r} is not a field path (section.field)")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = copy.deepcopy(value)
     return out
+
+
+def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """Apply command-line `key.sub=value` overrides (each value parsed as YAML) to a raw params dict."""
+    out = dict(raw)
+    for item in sets:  # in order: a later override wins, also over part of an earlier one
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out = with_values(out, {key: yaml.safe_load(value)})
+    return copy.deepcopy(out)
 
 
 def validate(raw: dict[str, Any] | None, source: str = "params") -> Config:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chronomerge.config import Config, apply_overrides, validate
+from chronomerge.config import Config, apply_overrides, validate, with_values
 from chronomerge.data.streams import build_stream
 from chronomerge.evaluate import acc_bwt
 from chronomerge.merge import TECHNIQUES, ContinualTIES
@@ -42,7 +42,7 @@ from chronomerge.report import SUMMARY
 from chronomerge.stages import run_eval
 from chronomerge.store import atomic_write_bytes
 from flows.stream import check, prepare_inputs, workspace
-from flows.sweep import sweep_flow
+from flows.sweep import point_name, sweep_flow
 
 # The CPU profile: a shorter stream and fewer steps than the default, so that 3 seeds of every
 # experiment fit in an hour on 2 cores. `--set` overrides it.
@@ -116,7 +116,7 @@ def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
             rows = []
             for tech in exp["grid"][src]:
                 sub = {"name": f"{exp['name']}-{tech}",
-                       "base": apply_overrides(exp["base"], [f"{src}={tech}", f"{dst}={tech}"]),
+                       "base": with_values(exp["base"], {src: tech, dst: tech}),
                        "grid": {k: v for k, v in exp["grid"].items() if k != src}}
                 summary = sweep_flow(raw, sub, project=project, workers=workers)
                 rows += [{**r, "technique": tech} for r in summary["results"]]
@@ -129,20 +129,22 @@ def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
     return out
 
 
-def _seed(point: str) -> int:
-    return int(point.split("stream.seed=")[1].split(",")[0])
+def _seed(r: dict) -> int:
+    """The seed (task order) of a sweep result."""
+    return r["values"]["stream.seed"]
 
 
-def _key(point: str) -> str:
-    return ",".join(p for p in point.split(",") if not p.startswith("stream.seed="))
+def _key(r: dict) -> str:
+    """A sweep result's point name without its seed: the method it measures."""
+    return point_name({k: v for k, v in r["values"].items() if k != "stream.seed"})
 
 
 def aggregate(rows: list[dict], metric: str) -> dict[str, dict]:
     """point (without seed) → {mean, std, by_seed} of `metric`."""
     groups: dict[str, dict[int, float]] = {}
     for r in rows:
-        k = _key(r["point"]) + (f",technique={r['technique']}" if "technique" in r else "")
-        groups.setdefault(k.strip(","), {})[_seed(r["point"])] = r[metric]
+        k = _key(r) + (f",technique={r['technique']}" if "technique" in r else "")
+        groups.setdefault(k.strip(","), {})[_seed(r)] = r[metric]
     return {k: _spread(v) for k, v in groups.items()}
 
 
@@ -228,12 +230,12 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
 
 
 def _by_seed(rows: list[dict], value) -> dict:
-    return _spread({_seed(r["point"]): value(r) for r in rows})
+    return _spread({_seed(r): value(r) for r in rows})
 
 
 def _diagonals(rows: list[dict]) -> dict[int, list[float]]:
     """Seed → R[t][t] of an individual-experts run (deploy ft from θ0): each expert on its own task."""
-    return {_seed(r["point"]): [r["matrix"][i][i] for i in range(len(r["matrix"]))] for r in rows}
+    return {_seed(r): [r["matrix"][i][i] for i in range(len(r["matrix"]))] for r in rows}
 
 
 def _normalised(scores: list[float], individual: list[float]) -> float:
@@ -246,7 +248,7 @@ def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: 
     individual = _diagonals(res["opcm-individual-experts"])
 
     def norm(r: dict, scores: list[float]) -> float:
-        return _normalised(scores, individual[_seed(r["point"])])
+        return _normalised(scores, individual[_seed(r)])
 
     table: dict[str, dict[int, dict]] = {"zero-shot": {}, "individual experts": {}, "multitask": {}}
     for t in lengths:
@@ -260,7 +262,7 @@ def opcm_table(res: dict[str, list[dict]], lengths: tuple[int, ...], zero_shot: 
         if label == "individual experts":
             for t in lengths:
                 table[label][t] = {
-                    "ACC": _by_seed(rows, lambda r, t=t: statistics.mean(individual[_seed(r["point"])][:t])),
+                    "ACC": _by_seed(rows, lambda r, t=t: statistics.mean(individual[_seed(r)][:t])),
                     "norm": _by_seed(rows, lambda r: 1.0),
                 }
             continue
@@ -328,8 +330,8 @@ def _cmm_findings(res: dict[str, list[dict]]) -> list[dict]:
 def _with_order(res: dict[str, list[dict]], orders: dict[int, list[str]]) -> None:
     for rows in res.values():
         for r in rows:
-            if "point" in r and "stream.seed=" in r["point"] and "error" not in r:
-                r["order"] = orders[_seed(r["point"])]
+            if "stream.seed" in r.get("values", {}) and "error" not in r:
+                r["order"] = orders[_seed(r)]
 
 
 def zero_shot(cfg: Config, project: str, bases: dict[int, str], datasets: list[str]) -> dict[int, dict[str, float]]:
@@ -344,12 +346,12 @@ def zero_shot(cfg: Config, project: str, bases: dict[int, str], datasets: list[s
 
 def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held_out: list[str], t: int) -> dict:
     """TIME setting (whole-CLIP experts, T = t): label → {"A_KA", "norm", "A_ZS", "GM"} aggregates."""
-    individual = _diagonals([r for r in res["pairs"] if "init.mode=zs,deploy.mode=ft" in r["point"]])
+    individual = _diagonals([r for r in res["pairs"] if _key(r) == "init.mode=zs,deploy.mode=ft"])
 
     def norm(r: dict, scores: list[float]) -> float:
-        return _normalised(scores, individual[_seed(r["point"])])
+        return _normalised(scores, individual[_seed(r)])
 
-    order = {_seed(r["point"]): r["order"] for r in res["pairs"]}
+    order = {_seed(r): r["order"] for r in res["pairs"]}
 
     def zs_metrics(seed: int) -> dict[str, float]:
         ka = statistics.mean(zs[seed][n] for n in order[seed][:t])
@@ -378,7 +380,7 @@ def time_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], held
 def _groups(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(_key(r["point"]), []).append(r)
+        out.setdefault(_key(r), []).append(r)
     return out
 
 
@@ -387,16 +389,16 @@ def cmm_table(res: dict[str, list[dict]], zs: dict[int, dict[str, float]], t: in
     individual = _diagonals(res["opcm-individual-experts"])
 
     def norm(r: dict, scores: list[float]) -> float:
-        return _normalised(scores, individual[_seed(r["point"])])
+        return _normalised(scores, individual[_seed(r)])
 
     ind = res["opcm-individual-experts"]
     out = {
         "zero-shot": {
-            "ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r["point"])][n] for n in r["order"][:t])),
-            "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r["point"])][n] for n in r["order"][:t]])),
+            "ACC": _by_seed(ind, lambda r: statistics.mean(zs[_seed(r)][n] for n in r["order"][:t])),
+            "norm": _by_seed(ind, lambda r: norm(r, [zs[_seed(r)][n] for n in r["order"][:t]])),
         },
         "individual experts": {
-            "ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r["point"])][:t])),
+            "ACC": _by_seed(ind, lambda r: statistics.mean(individual[_seed(r)][:t])),
             "norm": _by_seed(ind, lambda r: 1.0),
         },
         "multitask": {
@@ -481,7 +483,7 @@ def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2,
     longest = max(cfg.stream.length, *opcm_lengths)
     orders = {s: [t.datasets[0] for t in build_stream(cfg.stream.kind, longest, s)] for s in seeds}
     _with_order(res, orders)
-    bases = {_seed(r["point"]): r["base"] for r in res["pairs"]}
+    bases = {_seed(r): r["base"] for r in res["pairs"]}
     zs = zero_shot(cfg, project, bases, sorted({n for o in orders.values() for n in o}))
     held_out = check(cfg)[1]["held_out"]
     found = findings(res)

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from chronomerge.config import ConfigError, apply_overrides, validate
+from chronomerge.config import ConfigError, dotted, validate, with_values
 from chronomerge.report import METRICS, SUMMARY, pct
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
@@ -50,30 +50,24 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return {"name": str(sweep.get("name") or p.stem), "base": sweep.get("base") or {}, "grid": grid}
 
 
-def _flatten_overrides(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out += _flatten_overrides(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v)}")
-    return out
+def point_name(values: dict[str, Any]) -> str:
+    """A point's display name from its grid values: `section.field=value` per field, comma-joined."""
+    return ",".join(f"{'.'.join(f.split('.')[-2:])}={v}" for f, v in values.items())
 
 
-def points(raw: dict, sweep: dict) -> list[tuple[str, dict]]:
-    """(name, validated config dict) for every point of the grid, outputs separated per point."""
-    base = apply_overrides(raw, _flatten_overrides(sweep["base"]))
+def points(raw: dict, sweep: dict) -> list[tuple[dict, dict]]:
+    """(grid values, validated config dict) for every point of the grid, outputs separated per point."""
+    base = with_values(raw, dotted(sweep["base"]))
     fields = list(sweep["grid"])
     out = []
-    for values in itertools.product(*(sweep["grid"][f] for f in fields)):
-        name = ",".join(f"{f.split('.')[-2] if f.count('.') else f}.{f.split('.')[-1]}={v}"
-                        for f, v in zip(fields, values))
-        sets = [f"{f}={json.dumps(v)}" for f, v in zip(fields, values)]
-        cfg = validate(apply_overrides(base, sets), f"sweep point {name}")
+    for combo in itertools.product(*(sweep["grid"][f] for f in fields)):
+        values = dict(zip(fields, combo))
+        name = point_name(values)
+        cfg = validate(with_values(base, values), f"sweep point {name}")
         folder = Path(cfg.paths.outputs) / "sweeps" / sweep["name"] / _slug(name)
-        paths = {"outputs": str(folder), "metrics": str(folder / "metrics.json")}
-        out.append((name, validate({**cfg.to_dict(), "paths": {**cfg.to_dict()["paths"], **paths}})))
-    return [(n, c.to_dict()) for n, c in out]
+        out.append((values, with_values(cfg.to_dict(), {"paths.outputs": str(folder),
+                                                        "paths.metrics": str(folder / "metrics.json")})))
+    return out
 
 
 def _slug(name: str) -> str:
@@ -89,14 +83,15 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
 
-    def one(point: tuple[str, dict]) -> dict:
+    def one(point: tuple[dict, dict]) -> dict:
         """A point's run summary, or its error: a diverged configuration is a result, not the sweep's end."""
-        name, config = point
+        values, config = point
+        name = point_name(values)
         try:
             summary = stream_flow(config, project=project, quiet=quiet, tags={**tags, "chronomerge.point": name})
         except Exception as e:
-            return {"point": name, "error": f"{type(e).__name__}: {e}"}
-        return {"point": name, **summary}
+            return {"point": name, "values": values, "error": f"{type(e).__name__}: {e}"}
+        return {"point": name, "values": values, **summary}
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = list(pool.map(one, runs))
@@ -107,9 +102,9 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     requested = sum(1 for r, _ in done for s in r["stages"] if s["stage"] == "train")
     summary = {"sweep": sweep["name"], "points": len(outcomes), "wall_seconds": wall,
                "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
-               "results": [{"point": r["point"], "deployed": r["deployed"], "run_id": r["run_id"],
-                            "outputs": str(Path(project) / config["paths"]["outputs"]), "base": r["base"],
-                            "matrix": r["matrix"], "scores": r["scores"], **r["final"]}
+               "results": [{"point": r["point"], "values": r["values"], "deployed": r["deployed"],
+                            "run_id": r["run_id"], "outputs": str(Path(project) / config["paths"]["outputs"]),
+                            "base": r["base"], "matrix": r["matrix"], "scores": r["scores"], **r["final"]}
                            for r, config in done],
                "failed": failed}
     folder = Path(project) / validate(raw).paths.outputs / "sweeps" / sweep["name"]

@@ -25,6 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from chronomerge.config import dotted
 from chronomerge.store import pid_alive
 
 STREAM_TAG = "chronomerge.stream_key"
@@ -40,17 +41,6 @@ def git_commit(root: str | os.PathLike = ".") -> str:
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)
-    return out
 
 
 def _chunks(items: list, n: int):
@@ -103,7 +93,7 @@ class Tracker:
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"stream-{stream_key[:12]}")
         self.parent = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in dotted(config).items()]
         for chunk in _chunks(params, 100):
             self.client.log_batch(self.parent, params=chunk)
         self.client.log_inputs(

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from chronomerge.config import ConfigError, load_config
 from flows.stream import stream_flow
-from flows.sweep import load_sweep, points, sweep_flow
+from flows.sweep import load_sweep, point_name, points, sweep_flow
 
 
 def test_a_parallel_sweep_trains_each_distinct_expert_once_and_compares_the_runs(project):
@@ -44,8 +44,9 @@ def test_sweep_files_and_points_are_validated_before_anything_runs(tmp_path):
     (tmp_path / "extra.yaml").write_text(yaml.safe_dump({"grid": {"train.lr": [1]}, "workers": 3}))
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['workers'\]"):
         load_sweep(tmp_path / "extra.yaml")
-    got = points({}, {"name": "x", "base": {}, "grid": {"train.lr": [0.1, 0.2]}})
-    assert [c["train"]["lr"] for _, c in got] == [0.1, 0.2]
+    got = points({}, {"name": "x", "base": {"train": {"steps": 7}}, "grid": {"train.lr": [0.1, 0.2]}})
+    assert [values for values, _ in got] == [{"train.lr": 0.1}, {"train.lr": 0.2}]  # grid values as data
+    assert [c["train"]["lr"] for _, c in got] == [0.1, 0.2] and {c["train"]["steps"] for _, c in got} == {7}
     assert got[0][1]["paths"]["metrics"] == "outputs/sweeps/x/train.lr=0.1/metrics.json"
     assert json.dumps(got)  # plain, JSON-able configs
 
@@ -56,6 +57,7 @@ def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
     summary = sweep_flow(raw, {"name": "lr", "base": {"stream": {"length": 1}}, "grid": {"train.lr": [lr, 1e30]}},
                          project=str(project))
     assert [r["point"] for r in summary["results"]] == [f"train.lr={lr}"]
+    assert [r["values"] for r in summary["results"]] == [{"train.lr": lr}]
     (failed,) = summary["failed"]
     assert failed["point"] == "train.lr=1e+30" and "NonFiniteError" in failed["error"]
     assert "has NaN or infinite values" in failed["error"]
@@ -73,4 +75,4 @@ def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
 def test_every_committed_sweep_file_is_valid(path):
     sweep = load_sweep(path)
     runs = points({}, sweep)
-    assert len(runs) == len({name for name, _ in runs}) > 1
+    assert len(runs) == len({point_name(values) for values, _ in runs}) > 1
