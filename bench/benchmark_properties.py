@@ -13,8 +13,9 @@ one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lin
                             zero-shot on their tasks / their mean gain               (>= 35%)
   keep_avg_vision           the same for vision-only experts (frozen zero-shot text head)
   keep_ta_clip              (reported) task arithmetic, λ = 0.3, of the same 8 whole-CLIP experts
-  keep_alone_clip           (reported) each of those experts alone at θ0 + τ/8: the share of its gain it
-                            keeps, averaging's ceiling without interference (1/8 = 12.5% if linear)
+  keep_alone_clip           (reported) each of those experts alone at θ0 + τ/8: the share of their mean gain
+                            they keep, averaging's ceiling without interference (1/8 = 12.5% if linear)
+  Every keep_* is a ratio of means, and null when the experts gain under 1 point on average.
   seq_bwt                   BWT of plain sequential fine-tuning over the stream       (<= -5)
   gm_zs, gm_best_in_time, gm_offline, gm_replay
                             GM at T = 20 of the pipeline's default stream (Best-in-TIME), offline
@@ -51,6 +52,7 @@ from chronomerge.train import train  # noqa: E402
 
 PARTS = ("zs", "experts", "merge", "seq", "streams")
 MERGED = 8  # mergeability is measured on the first 8 experts, like the papers' 8-task setting
+RECORD: dict = {}  # what a lever script changed, recorded in the result line (bench/pool_lever.py: pool)
 
 
 def main() -> None:
@@ -87,7 +89,7 @@ def main() -> None:
     adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
     zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
     zs = summarize(zs_scores, list(adaptation), list(held_out))
-    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], "recipe": raw["train"],
+    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **RECORD, "recipe": raw["train"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
     cfg = load_config(None, args.set).train
@@ -135,8 +137,8 @@ def main() -> None:
             for t, st in enumerate(clip_states):
                 m = copy.deepcopy(base)
                 m.load_state_dict(merge("task_arithmetic", theta0, [st], scale=1 / k))
-                alone.append((score(m, tok, test_sets[t], "cpu") - zs_own[t]) / gains[t] if gains[t] else 0.0)
-            out["keep_alone_clip"] = 100 * sum(alone) / k
+                alone.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+            out["keep_alone_clip"] = _share(alone, gains[:k])
             vision_states, vgains = [], []
             for t in range(k):
                 m = expert(t, "vision")
@@ -179,12 +181,18 @@ def _arch(width: int | None, layers: int | None):
     return a
 
 
-def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float:
+def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float | None:
     """Percentage of the experts' mean gain over zero-shot that the merged model keeps on their tasks."""
     m = copy.deepcopy(base)
     m.load_state_dict(merged)
-    merged_gain = sum(s - z for s, z in zip(own_scores(m, k), zs_own[:k])) / k
-    return 100 * merged_gain / (sum(gains) / k)
+    return _share([s - z for s, z in zip(own_scores(m, k), zs_own[:k])], gains)
+
+
+def _share(kept: list[float], gains: list[float]) -> float | None:
+    """100 × mean kept gain / mean expert gain; None (undefined) when the experts gain under 1 point on
+    average, where the ratio would be noise (a smoke run of a few steps)."""
+    mean_gain = sum(gains) / len(gains)
+    return 100 * (sum(kept) / len(kept)) / mean_gain if mean_gain >= 0.01 else None
 
 
 def _streams(args, raw: dict, log) -> dict[str, float]:
