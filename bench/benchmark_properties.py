@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
-from chronomerge.config import apply_overrides, load_config  # noqa: E402
+from chronomerge.config import apply_overrides, load_config, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
@@ -210,7 +210,7 @@ def _streams(args, raw: dict, log) -> dict[str, float]:
                                         f"stream.length={args.tasks}", "tracking.enabled=false",
                                         f"data.root={Path(args.data).resolve()}",
                                         f"paths.store={Path(args.store).resolve()}", *sets])
-            result = stream_flow(cfg, project=project, quiet=True)
+            result = stream_flow(validate(cfg), project=project, quiet=True)
             out[key] = 100 * result["final"]["GM"]
             log(f"{key}: {out[key]:.1f}")
     return out

@@ -70,7 +70,7 @@ def cmd_run(args, cfg=None) -> int:
 
     if boot is not None:
         boot.join()
-    summary = stream_flow(cfg.to_dict(), project=".", quiet=args.quiet)
+    summary = stream_flow(cfg, project=".", quiet=args.quiet)
     f = summary["final"]
     print(f"final: {scores_line(f, digits=2)}")
     print(f"time: {summary['wall_seconds']:.1f} s in the flow, {summary['compute_seconds']:.1f} s computing stages, "

@@ -6,7 +6,7 @@ Only checkpoint ids, digests and metric dicts travel between stages. Every run i
 MLflow (`tasks.tracking`); results land in `paths.outputs` and `paths.metrics`.
 
     from flows.stream import stream_flow
-    summary = stream_flow(config_dict)      # or `chronomerge run`
+    summary = stream_flow(load_config("params.yaml"))      # or `chronomerge run`
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect import flow
 
-from chronomerge.config import Config, ConfigError, validate
+from chronomerge.config import Config, ConfigError
 from chronomerge.data.streams import multitask
 from chronomerge.evaluate import acc_bwt
 from chronomerge.lineage import experts_in
@@ -61,7 +61,7 @@ def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
 
     arch = architecture(cfg.model.name, cfg.model.pretrained)
     try:
-        sets = evaluation_sets(cfg.to_dict()["stream"], cfg.eval.held_out)
+        sets = evaluation_sets(cfg.stream.model_dump(mode="json"), cfg.eval.held_out)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     field = "experts" if cfg.stream.kind == "experts" else "tasks"
@@ -76,8 +76,8 @@ def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
 
 def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) -> dict[str, str]:
     """Every dataset (and expert file) the stream reads, made or checked, with its digest."""
-    return prepare(ws, cfg.to_dict()["data"], bool(cfg.model.pretrained), [*sets["adaptation"], *sets["held_out"]],
-                   cfg.stream.expert_paths)
+    return prepare(ws, cfg.data.model_dump(mode="json"), bool(cfg.model.pretrained),
+                   [*sets["adaptation"], *sets["held_out"]], cfg.stream.expert_paths)
 
 
 def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
@@ -105,12 +105,11 @@ class _NotRun(Exception):
 
 
 @flow(name="chronomerge-stream", validate_parameters=False)
-def stream_flow(config: dict, project: str = ".", quiet: bool = False, tags: dict | None = None) -> dict:
-    """Run (or resume) the stream described by `config` (a params dict); returns its summary.
+def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict | None = None) -> dict:
+    """Run (or resume) the stream that the validated params `cfg` describe; returns its summary.
     `tags` are added to the MLflow parent run (a sweep names itself and the point)."""
     t_start = time.perf_counter()
     echo = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    cfg = validate(config)
     arch, sets = check(cfg)  # before anything is written or started
     root = Path(project)
     c = cfg.to_dict()

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from chronomerge.config import ConfigError, dotted, validate, with_values
+from chronomerge.config import Config, ConfigError, dotted, validate, with_values
 from chronomerge.report import METRICS, SUMMARY, pct
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
@@ -55,8 +55,8 @@ def point_name(values: dict[str, Any]) -> str:
     return ",".join(f"{'.'.join(f.split('.')[-2:])}={v}" for f, v in values.items())
 
 
-def points(raw: dict, sweep: dict) -> list[tuple[dict, dict]]:
-    """(grid values, validated config dict) for every point of the grid, outputs separated per point."""
+def points(raw: dict, sweep: dict) -> list[tuple[dict, Config]]:
+    """(grid values, validated config) for every point of the grid, outputs separated per point."""
     base = with_values(raw, dotted(sweep["base"]))
     fields = list(sweep["grid"])
     out = []
@@ -65,8 +65,8 @@ def points(raw: dict, sweep: dict) -> list[tuple[dict, dict]]:
         name = point_name(values)
         cfg = validate(with_values(base, values), f"sweep point {name}")
         folder = Path(cfg.paths.outputs) / "sweeps" / sweep["name"] / _slug(name)
-        out.append((values, with_values(cfg.to_dict(), {"paths.outputs": str(folder),
-                                                        "paths.metrics": str(folder / "metrics.json")})))
+        paths = cfg.paths.model_copy(update={"outputs": str(folder), "metrics": str(folder / "metrics.json")})
+        out.append((values, cfg.model_copy(update={"paths": paths})))
     return out
 
 
@@ -79,7 +79,7 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary."""
     t0 = time.perf_counter()
     runs = points(raw, sweep)
-    first, *_ = [validate(config) for _, config in runs]  # every point's config errors, before any run
+    first = runs[0][1]  # every point is validated before any runs
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
 
@@ -103,7 +103,7 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     summary = {"sweep": sweep["name"], "points": len(outcomes), "wall_seconds": wall,
                "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
                "results": [{"point": r["point"], "values": r["values"], "deployed": r["deployed"],
-                            "run_id": r["run_id"], "outputs": str(Path(project) / config["paths"]["outputs"]),
+                            "run_id": r["run_id"], "outputs": str(Path(project) / config.paths.outputs),
                             "base": r["base"], "matrix": r["matrix"], "scores": r["scores"], **r["final"]}
                            for r, config in done],
                "failed": failed}

@@ -24,7 +24,7 @@ from prefect import flow
 
 from chronomerge import promotion
 from chronomerge.arrivals import STREAM_KIND, read_arrivals, stream_tasks
-from chronomerge.config import load_config, with_values
+from chronomerge.config import load_config, validate, with_values
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
 from tasks.locks import ProcessLockManager
@@ -61,9 +61,9 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     if decisions and decisions[-1]["tasks"] == len(arrived):
         return {**base, "status": "up to date", "promoted": False,
                 "reason": f"no new data since the last update ({len(arrived)} tasks)"}
-    raw = with_values(cfg.to_dict(), {"stream.kind": STREAM_KIND, "stream.length": len(arrived),
-                                      "stream.tasks": stream_tasks(arrived, data_root)})
-    summary = stream_flow(raw, project=str(root), quiet=True,
+    stream = validate(with_values(cfg.to_dict(), {"stream.kind": STREAM_KIND, "stream.length": len(arrived),
+                                                  "stream.tasks": stream_tasks(arrived, data_root)}), "update")
+    summary = stream_flow(stream, project=str(root), quiet=True,
                           tags={"chronomerge.update": "true", "update.new_tasks": ",".join(base["new"]) or "-"})
     current = promotion.promoted(decisions)
     ok, reason = promotion.gate(summary["final"], current["metrics"] if current else None,

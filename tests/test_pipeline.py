@@ -17,7 +17,7 @@ from flows.stream import STAGES, stream_flow
 
 def run(project, *sets):
     cfg = load_config(project / "params.yaml", list(sets))
-    return stream_flow(cfg.to_dict(), project=str(project), quiet=True)
+    return stream_flow(cfg, project=str(project), quiet=True)
 
 
 def statuses(summary, stage=None):

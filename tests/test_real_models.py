@@ -35,7 +35,7 @@ def run_stream(project: Path, **params):
     for section, values in params.items():
         raw[section] = {**raw.get(section, {}), **values}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
-    return stream_flow(load_config(project / "params.yaml").to_dict(), project=str(project), quiet=True)
+    return stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
 
 
 def test_vit_b_32_stream_runs_every_stage_end_to_end_on_the_cpu(project):

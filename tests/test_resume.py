@@ -35,7 +35,7 @@ def reference(project):
         shutil.copytree(project / d, ref / d)
     cfg = load_config(project / "params.yaml", [f"tracking.mlflow_uri=sqlite:///{ref}/mlflow.db"])
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ref / ".prefect" / "storage"}):
-        summary = stream_flow(cfg.to_dict(), project=str(ref), quiet=True)
+        summary = stream_flow(cfg, project=str(ref), quiet=True)
     return summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text())
 
 

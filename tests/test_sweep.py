@@ -1,5 +1,4 @@
 """Sweeps: a grid of stream runs in parallel that never train the same expert twice."""
-import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def test_a_parallel_sweep_trains_each_distinct_expert_once_and_compares_the_runs
         assert (folder / f).stat().st_size > 0
     # Each point equals the same stream run on its own.
     best = next(r for r in summary["results"] if r["point"] == "init.mode=ema,deploy.mode=ema")
-    alone = stream_flow(load_config(project / "params.yaml").to_dict(), project=str(project), quiet=True)
+    alone = stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
     assert alone["deployed"] == best["deployed"] and alone["final"]["GM"] == pytest.approx(best["GM"])
     client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
     tagged = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
@@ -46,9 +45,9 @@ def test_sweep_files_and_points_are_validated_before_anything_runs(tmp_path):
         load_sweep(tmp_path / "extra.yaml")
     got = points({}, {"name": "x", "base": {"train": {"steps": 7}}, "grid": {"train.lr": [0.1, 0.2]}})
     assert [values for values, _ in got] == [{"train.lr": 0.1}, {"train.lr": 0.2}]  # grid values as data
-    assert [c["train"]["lr"] for _, c in got] == [0.1, 0.2] and {c["train"]["steps"] for _, c in got} == {7}
-    assert got[0][1]["paths"]["metrics"] == "outputs/sweeps/x/train.lr=0.1/metrics.json"
-    assert json.dumps(got)  # plain, JSON-able configs
+    assert [c.train.lr for _, c in got] == [0.1, 0.2] and {c.train.steps for _, c in got} == {7}
+    assert got[0][1].paths.metrics == "outputs/sweeps/x/train.lr=0.1/metrics.json"
+    assert got[0][1].paths.outputs == "outputs/sweeps/x/train.lr=0.1"
 
 
 def test_a_diverging_point_is_reported_and_the_other_points_finish(project):
