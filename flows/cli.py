@@ -158,14 +158,10 @@ def cmd_lineage(args) -> int:
     if target is None:
         raise ValueError("lineage needs a checkpoint id, an MLflow run id, or --at TIME")
     if len(target) != 64:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri).get_run(target)
-        except MlflowException:
+        run = _audit(cfg).run(target)
+        if run is None:
             raise ValueError(f"{target!r} is neither a checkpoint id (64 hex digits) nor an MLflow run id "
-                             f"in {cfg.tracking.mlflow_uri}") from None
+                             f"in {cfg.tracking.mlflow_uri}")
         tags = run.data.tags
         if "lineage.deployed" not in tags:
             raise ValueError(f"MLflow run {target} carries no lineage.deployed tag (not a chronomerge run?)")
@@ -175,7 +171,7 @@ def cmd_lineage(args) -> int:
                 print(f"  {k}: {tags[k]}")
         target = tags["lineage.deployed"]
     elif cfg.tracking.enabled:
-        for run in _runs_that_deployed(cfg, target):
+        for run in _audit(cfg).runs_that_deployed(target):
             print(f"deployed by mlflow run {run.info.run_id} ({run.info.run_name}, task "
                   f"{run.data.tags.get('chronomerge.t')}); git commit {run.data.tags.get('git.commit')}")
     print("\n".join(lineage_lines(store, target)))
@@ -186,26 +182,19 @@ def cmd_lineage_at(args, cfg) -> int:
     """`lineage --at TIME` (and any checkpoint missing from the store): from MLflow alone."""
     from datetime import datetime, timezone
 
-    from mlflow import MlflowClient
-
-    from tasks.audit import deployed_at, made_of
-
-    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        raise ValueError(f"no MLflow experiment {cfg.tracking.experiment!r} in {cfg.tracking.mlflow_uri}")
+    audit = _audit(cfg)
     target = args.target
     if args.at:
         when = datetime.now(timezone.utc) if args.at == "now" else datetime.fromisoformat(args.at)
         when = when if when.tzinfo else when.astimezone()  # a time without a zone is local time
-        version = deployed_at(client, cfg.update.registered_model, int(when.timestamp() * 1000))
+        version = audit.deployed_at(cfg.update.registered_model, int(when.timestamp() * 1000))
         if version is None:
             raise ValueError(f"nothing of {cfg.update.registered_model!r} was promoted at or before {when.isoformat()}")
         promoted = datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc)
         target = version.tags["lineage.deployed"]
         print(f"deployed at {when.isoformat()}: {cfg.update.registered_model} version {version.version}, "
               f"promoted {promoted.isoformat()} ({version.tags.get('gate', '')})")
-    found = made_of(client, exp.experiment_id, target)
+    found = audit.made_of(target)
     tags = found["run"].data.tags
     print(f"model {target}\n  deployed by task run {found['run'].info.run_id} ({found['run'].info.run_name}); "
           f"git commit {tags.get('git.commit')}; base {tags.get('lineage.base', '-')[:16]}")
@@ -216,28 +205,14 @@ def cmd_lineage_at(args, cfg) -> int:
     return 0
 
 
-def _runs_that_deployed(cfg, oid: str) -> list:
-    from mlflow import MlflowClient
+def _audit(cfg):
+    from tasks.tracking import Audit
 
-    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id], f"tags.`lineage.deployed` = '{oid}'")
-            if "mlflow.parentRunId" in r.data.tags]
+    return Audit(cfg.tracking.mlflow_uri, cfg.tracking.experiment)
 
 
 def cmd_diff(args) -> int:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from tasks.audit import diff
-
-    cfg = _config(args)
-    try:
-        changes = diff(MlflowClient(tracking_uri=cfg.tracking.mlflow_uri), args.run_a, args.run_b)
-    except MlflowException as e:
-        raise ValueError(f"diff: {e.message}") from None
+    changes = _audit(_config(args)).diff(args.run_a, args.run_b)
     for section, rows in changes.items():
         print(f"{section}: {'no change' if not rows else f'{len(rows)} change(s)'}")
         for key, a, b in rows:

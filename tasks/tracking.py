@@ -9,6 +9,15 @@
 * A parent run of the same stream left RUNNING by a process that no longer exists (SIGKILL) is
   marked KILLED, with its task runs, when the stream starts again.
 Runs are addressed by id through `MlflowClient`, never through the thread-local active run.
+
+`Audit` answers from MLflow alone, so its answers hold after the local store is gone:
+* `deployed_at`: the model version promoted last at or before a time (the registered model's
+  versions are created at promotion, `flows/update.py`).
+* `made_of`: which experts, trained on which data, a deployed checkpoint is made of: the task run
+  that deployed it carries `lineage.made_of` (16-hex prefixes of the experts), and each expert's
+  task run carries its task, data digest and dataset inputs.
+* `diff`: what changed between two runs in config (params), data (dataset inputs, lineage data
+  digests) and metrics.
 """
 from __future__ import annotations
 
@@ -23,7 +32,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 from chronomerge.config import dotted
 from chronomerge.store import pid_alive
@@ -143,8 +154,6 @@ def register_promotion(uri: str, model: str, alias: str, deployed: str, source: 
                        tags: Mapping[str, str]) -> str:
     """A new version of registered model `model` for a promoted checkpoint, and `alias` moved to it.
     The version's creation time is when it was promoted; `chronomerge lineage --at` reads it."""
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=uri)
     try:
         client.get_registered_model(model)
@@ -154,3 +163,90 @@ def register_promotion(uri: str, model: str, alias: str, deployed: str, source: 
                                           tags={"lineage.deployed": deployed, **tags})
     client.set_registered_model_alias(model, alias, version.version)
     return version.version
+
+
+class Audit:
+    """Read-only questions to one tracking server and experiment (`chronomerge lineage`, `diff`).
+    A run or experiment that is not there is a `ValueError` naming it and the tracking URI."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def run(self, run_id: str) -> Run | None:
+        """The run with this id, or None when the tracking server has none."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    def experiment_id(self) -> str | None:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        return None if exp is None else exp.experiment_id
+
+    def runs_that_deployed(self, oid: str) -> list[Run]:
+        """The task runs whose deployed checkpoint is `oid` (newest first)."""
+        exp = self.experiment_id()
+        return [] if exp is None else _task_runs(self.client, exp, "lineage.deployed", oid)
+
+    def deployed_at(self, model: str, when_ms: int) -> ModelVersion | None:
+        versions = [v for v in self.client.search_model_versions(f"name = '{model}'")
+                    if v.creation_timestamp <= when_ms]
+        return max(versions, key=lambda v: (v.creation_timestamp, int(v.version)), default=None)
+
+    def made_of(self, deployed: str) -> dict[str, Any]:
+        """{deployed, run (the task run that deployed it), experts: [{expert, t, task, data, datasets, run_id}]}."""
+        exp = self.experiment_id()
+        if exp is None:
+            raise ValueError(f"no MLflow experiment {self.experiment!r} in {self.uri}")
+        runs = _task_runs(self.client, exp, "lineage.deployed", deployed)
+        if not runs:
+            raise ValueError(f"no MLflow task run deployed {deployed} in experiment {self.experiment!r}")
+        run = runs[0]
+        experts = []
+        for prefix in filter(None, run.data.tags.get("lineage.made_of", "").split(",")):
+            producers = _task_runs(self.client, exp, "lineage.expert", prefix, like=True)
+            if not producers:
+                experts.append({"expert": prefix, "t": None, "task": "(no MLflow run found)", "data": None,
+                                "datasets": [], "run_id": None})
+                continue
+            p = producers[-1]  # the first run that trained it
+            experts.append({"expert": p.data.tags["lineage.expert"], "t": int(p.data.tags.get("chronomerge.t", 0)),
+                            "task": p.info.run_name, "data": p.data.tags.get("lineage.data"),
+                            "datasets": _datasets(p), "run_id": p.info.run_id})
+        return {"deployed": deployed, "run": run, "experts": experts}
+
+    def diff(self, run_a: str, run_b: str) -> dict[str, list[tuple[str, Any, Any]]]:
+        """{config, data, metrics, lineage}: each a list of (key, value in a, value in b) that differ."""
+        runs = [self.run(r) for r in (run_a, run_b)]
+        for rid, r in zip((run_a, run_b), runs):
+            if r is None:
+                raise ValueError(f"diff: no MLflow run {rid!r} in {self.uri}")
+        a, b = runs
+
+        def data(r: Run) -> dict[str, str]:
+            return dict(_datasets(r)) | {k: v for k, v in r.data.tags.items()
+                                         if k in ("lineage.data", "update.new_tasks")}
+
+        def lineage(r: Run) -> dict[str, str]:
+            return {k: v for k, v in r.data.tags.items()
+                    if k.startswith(("lineage.", "git.commit", "gate.")) and k != "lineage.data"}
+
+        return {"config": _changes(a.data.params, b.data.params), "data": _changes(data(a), data(b)),
+                "metrics": _changes(a.data.metrics, b.data.metrics), "lineage": _changes(lineage(a), lineage(b))}
+
+
+def _task_runs(client: MlflowClient, experiment_id: str, tag: str, value: str, like: bool = False) -> list[Run]:
+    op = "LIKE" if like else "="
+    runs = client.search_runs([experiment_id], f"tags.`{tag}` {op} '{value}{'%' if like else ''}'",
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def _datasets(run: Run) -> list[tuple[str, str]]:
+    return sorted((d.dataset.name, next((t.value for t in d.tags if t.key == "sha256"), d.dataset.digest))
+                  for d in run.inputs.dataset_inputs)
+
+
+def _changes(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(k, a.get(k, "-"), b.get(k, "-")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
