@@ -1,33 +1,18 @@
-"""The core's commands: merge safetensors checkpoints, list techniques, verify a store, show lineage.
-
-They need neither Prefect nor MLflow. The installed `chronomerge` command (`flows.cli`) adds the
-pipeline commands (run, resume, status, report, prepare, pretrain) to these.
+"""The core's commands of `chronomerge` (`flows/cli.py` is the one command line): merge safetensors
+checkpoints, list techniques, verify a store. They need neither Prefect nor MLflow.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from chronomerge.checkpoints import as_expert, header_metadata, read_checkpoint
-from chronomerge.lineage import lineage_lines
+from chronomerge.config import parse_sets
 from chronomerge.merge import CONTINUAL, TECHNIQUES, merge, resolve_hparams
 from chronomerge.merge import params as P
 from chronomerge.statedict import CorruptCheckpointError
 from chronomerge.store import CheckpointStore, atomic_save
-
-
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def cmd_merge(args) -> int:
@@ -35,7 +20,7 @@ def cmd_merge(args) -> int:
     merger (OPCM, continual TA / TIES / averaging, EMA). Inputs: open_clip safetensors files or
     Hugging Face CLIP folders (a vision-only expert takes the base's text tower). The output is a
     plain open_clip state dict; it records the architecture when the base does (`model.name: auto`)."""
-    hp = _parse_sets(args.set)
+    hp = dict(parse_sets(args.set))
     continual = args.technique in CONTINUAL
     if continual:  # fail before reading any weights
         P.resolve(args.technique, CONTINUAL[args.technique].PARAMS, hp)
@@ -89,12 +74,6 @@ def cmd_verify(args) -> int:
     return 1 if bad else 0
 
 
-def cmd_lineage_store(args) -> int:
-    store = CheckpointStore(args.store)
-    print("\n".join(lineage_lines(store, args.target)))
-    return 0
-
-
 def add_core_commands(sub) -> None:
     m = sub.add_parser(
         "merge", help="merge checkpoints with one technique, or fold them in order into a continual merger"
@@ -123,18 +102,3 @@ def run_command(args) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP.")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_core_commands(sub)
-    lg = sub.add_parser("lineage", help="the parent tree of a stored checkpoint")
-    lg.add_argument("target", help="checkpoint id")
-    lg.add_argument("--store", type=Path, default=Path("store"))
-    lg.set_defaults(fn=cmd_lineage_store)
-    return run_command(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

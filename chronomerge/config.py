@@ -342,14 +342,23 @@ def with_values(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-    """Apply command-line `key.sub=value` overrides (each value parsed as YAML) to a raw params dict."""
-    out = dict(raw)
-    for item in sets:  # in order: a later override wins, also over part of an earlier one
+def parse_sets(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """Command-line `--set key=value` items as (key, value), each value parsed as YAML: the one
+    meaning of `--set`, for params fields and merge hyperparameters alike."""
+    out = []
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        out = with_values(out, {key: yaml.safe_load(value)})
+        out.append((key, yaml.safe_load(value)))
+    return out
+
+
+def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """Apply command-line `key.sub=value` overrides to a raw params dict."""
+    out = dict(raw)
+    for key, value in parse_sets(sets):  # in order: a later override wins, also over part of an earlier one
+        out = with_values(out, {key: value})
     return copy.deepcopy(out)
 
 

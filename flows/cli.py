@@ -19,9 +19,7 @@ import argparse
 import inspect
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
@@ -31,6 +29,7 @@ from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
 from chronomerge.report import SUMMARY, scores_line  # noqa: E402
 from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
+from flows.prefect_server import booting, server_for_schedules  # noqa: E402
 
 
 def _config(args):
@@ -47,29 +46,10 @@ def _checked(args):
     return (cfg, *check(cfg))
 
 
-def _boot_prefect_server():
-    """Start Prefect's temporary local server in the background (it takes seconds to boot) while
-    torch and open_clip import; the flow then finds it running. None when PREFECT_API_URL names one."""
-    import threading
-
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    boot = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
-    boot.start()
-    return boot
-
-
 def cmd_run(args, cfg=None) -> int:
     cfg = cfg or _checked(args)[0]
-    boot = _boot_prefect_server()
-    from flows.stream import stream_flow
-
-    if boot is not None:
-        boot.join()
+    with booting():
+        from flows.stream import stream_flow
     summary = stream_flow(cfg, project=".", quiet=args.quiet)
     f = summary["final"]
     print(f"final: {scores_line(f, digits=2)}")
@@ -225,11 +205,8 @@ def cmd_diff(args) -> int:
 
 def cmd_update(args) -> int:
     cfg = _checked(args)[0]  # a bad params file fails before Prefect starts
-    boot = _boot_prefect_server()
-    from flows.update import update_flow
-
-    if boot is not None:
-        boot.join()
+    with booting():
+        from flows.update import update_flow
     d = update_flow(project=".", params=args.params, sets=args.set)
     print(f"{d['status']}: {d['reason']}")
     for r in d["rejected"]:
@@ -243,42 +220,9 @@ def cmd_update(args) -> int:
     return 0
 
 
-def _prefect_server_for_schedules() -> subprocess.Popen | None:
-    """Scheduled runs need a long-running Prefect server with its scheduler (the temporary server
-    refuses to schedule): start `prefect server start` on loopback under PREFECT_HOME and point
-    PREFECT_API_URL at it. None when PREFECT_API_URL already names a server."""
-    import socket
-    import urllib.request
-
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-ui"], env=env, stdout=log.open("ab"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"the Prefect server did not start; see {log}") from None
-            time.sleep(0.5)
-    os.environ["PREFECT_API_URL"] = url
-    return server
-
-
 def cmd_serve(args) -> int:
     cfg = _checked(args)[0]
-    server = _prefect_server_for_schedules()
+    server = server_for_schedules()
     from prefect.deployments.runner import EntrypointType
 
     from flows.update import update_flow
@@ -352,11 +296,9 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep)
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     raw = apply_overrides(raw or {}, args.set)
-    n = len(points(raw, sweep))  # every point validated before anything runs
-    print(f"sweep {sweep['name']}: {n} runs, {args.workers} at a time")
-    boot = _boot_prefect_server()
-    if boot is not None:
-        boot.join()
+    with booting():
+        n = len(points(raw, sweep))  # every point validated before anything runs
+        print(f"sweep {sweep['name']}: {n} runs, {args.workers} at a time")
     summary = sweep_flow(raw, sweep, project=".", workers=args.workers)
     folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
     print((folder / "summary.md").read_text())
@@ -383,16 +325,13 @@ def cmd_report(args) -> int:
 def _reproduce(args) -> int:
     import yaml
 
-    from flows.reproduce import reproduce
-
     if len(args.seeds) < 1:
         raise ValueError("--seeds needs at least one seed")
     if args.opcm_lengths and min(args.opcm_lengths) < 2:
         raise ValueError("--opcm-lengths: every length must be >= 2 (BWT needs two tasks)")
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
-    boot = _boot_prefect_server()
-    if boot is not None:
-        boot.join()
+    with booting():
+        from flows.reproduce import reproduce
     path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set,
                      opcm_lengths=tuple(args.opcm_lengths or ()))
     print(path.read_text())

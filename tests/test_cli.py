@@ -5,9 +5,9 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from chronomerge.cli import main
 from chronomerge.merge import merge
 from chronomerge.store import CheckpointStore
+from flows.cli import main
 
 
 def test_merge_command_writes_the_merged_checkpoint(tmp_path, tiny_base, tiny_experts, capsys):
@@ -45,7 +45,7 @@ def test_verify_reports_corrupt_objects(tmp_path, tiny_base, capsys):
 
 
 def test_console_script_lists_techniques():
-    out = subprocess.run([sys.executable, "-m", "chronomerge.cli", "techniques"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "techniques"], capture_output=True, text=True,
                          check=True).stdout
     assert "ties" in out and "keep=0.2" in out and "Yadav" in out
     from chronomerge.merge import CONTINUAL, TECHNIQUES
