@@ -1,7 +1,8 @@
 """`chronomerge report --reproduce`: do the papers' headline findings hold on the embedded benchmark?
 
 Experiments, each a sweep over seeds (`stream.seed`: the task order; 0 is the catalog order), run
-through the cached pipeline (a rerun only reads the cache):
+through the cached pipeline (a rerun only reads the cache). TIME's and CMM's are the sweep files of
+`sweeps/reproduce/`; OPCM's are made for the lengths asked for:
 
 * pairs       TIME init {zs, ft, ema, all} × deploy {ft, ema, all}, weighted averaging
 * offline     offline merging (init zs, deploy all) with recency weights, and replay
@@ -33,23 +34,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chronomerge.config import Config, apply_overrides, validate, with_values
+from chronomerge.config import Config, apply_overrides, validate
 from chronomerge.data.streams import build_stream
 from chronomerge.evaluate import acc_bwt
-from chronomerge.merge import TECHNIQUES, ContinualTIES
+from chronomerge.merge import ContinualTIES
 from chronomerge.merge.opcm import PAPER
 from chronomerge.report import SUMMARY
 from chronomerge.stages import run_eval
 from chronomerge.store import atomic_write_bytes
 from flows.stream import check, prepare_inputs, workspace
-from flows.sweep import point_name, sweep_flow
+from flows.sweep import load_sweep, point_name, sweep_flow
 
 # The CPU profile: a shorter stream and fewer steps than the default, so that 3 seeds of every
 # experiment fit in an hour on 2 cores. `--set` overrides it.
 PROFILE = ["stream.length=6", "train.steps=60"]
 OPCM_LENGTHS = (8, 14, 20)
-ZS_VISION = {"strategy": {"init": {"mode": "zs"}, "deploy": {"mode": "continual"}}, "train": {"mode": "vision"}}
-TECHNIQUE_POINTS = sorted(set(TECHNIQUES) - {"fisher", "dare", "breadcrumbs"})
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps" / "reproduce"  # the TIME and CMM experiments
+SETTING_SWEEPS = ("pairs", "offline", "replay", "techniques", "multitask", "cmm", "cmm-multitask")
 
 
 def cta_scale(length: int) -> float:
@@ -79,23 +80,13 @@ def _slug(label: str) -> str:
 
 
 def experiments(seeds: list[int], opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> list[dict[str, Any]]:
+    """The TIME and CMM experiments of `sweeps/reproduce/` and OPCM's setting at `opcm_lengths`, each
+    a sweep whose grid also runs over the seeds (`stream.seed`)."""
     s = {"stream.seed": seeds}
+    exps = [load_sweep(SWEEPS / f"{name}.yaml") for name in SETTING_SWEEPS]
+    for exp in exps:
+        exp["grid"] = {**exp["grid"], **s}
     vision = {"train": {"mode": "vision"}, "strategy": {"init": {"mode": "zs"}}}
-    exps = [
-        {"name": "pairs", "base": {}, "grid": {"strategy.init.mode": ["zs", "ft", "ema", "all"],
-                                               "strategy.deploy.mode": ["ft", "ema", "all"], **s}},
-        {"name": "offline", "base": {"strategy": {"init": {"mode": "zs"}, "deploy": {"mode": "all"}}},
-         "grid": {"strategy.deploy.recency": ["uniform", "linear", "exponential"], **s}},
-        {"name": "replay", "base": {"strategy": {"init": {"mode": "ft"}, "deploy": {"mode": "ft"}},
-                                    "train": {"replay_pretrain": 0.25, "replay_previous": 0.25}}, "grid": s},
-        {"name": "techniques", "base": {}, "grid": {"strategy.init.technique": TECHNIQUE_POINTS, **s},
-         "same": {"strategy.deploy.technique": "strategy.init.technique"}},
-        {"name": "multitask", "base": {"stream": {"multitask": True}}, "grid": s},
-        {"name": "cmm", "base": ZS_VISION, "grid": {"train.mode": ["vision", "linear"],
-                                                    "strategy.deploy.merger": ["continual_average", "fisher_merge"],
-                                                    "strategy.deploy.align": ["none", "l1"], **s}},
-        {"name": "cmm-multitask", "base": {**vision, "stream": {"multitask": True}}, "grid": s},
-    ]
     for label, (deploy, n) in opcm_methods(opcm_lengths).items():
         exps.append({"name": f"opcm-{_slug(label)}",
                      "base": {**vision, "strategy": {**vision["strategy"], "deploy": deploy}, "stream": {"length": n}},
@@ -111,21 +102,9 @@ def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
     "failed" the points that did not finish (a diverged merge or training) with their errors."""
     out: dict[str, list[dict]] = {"failed": []}
     for exp in experiments(seeds, opcm_lengths):
-        if "same" in exp:  # one sweep per technique value, both axes set together
-            (dst, src), = exp["same"].items()
-            rows = []
-            for tech in exp["grid"][src]:
-                sub = {"name": f"{exp['name']}-{tech}",
-                       "base": with_values(exp["base"], {src: tech, dst: tech}),
-                       "grid": {k: v for k, v in exp["grid"].items() if k != src}}
-                summary = sweep_flow(raw, sub, project=project, workers=workers)
-                rows += [{**r, "technique": tech} for r in summary["results"]]
-                out["failed"] += [{**f, "experiment": exp["name"], "technique": tech} for f in summary["failed"]]
-            out[exp["name"]] = rows
-        else:
-            summary = sweep_flow(raw, exp, project=project, workers=workers)
-            out[exp["name"]] = summary["results"]
-            out["failed"] += [{**f, "experiment": exp["name"]} for f in summary["failed"]]
+        summary = sweep_flow(raw, exp, project=project, workers=workers)
+        out[exp["name"]] = summary["results"]
+        out["failed"] += [{**f, "experiment": exp["name"]} for f in summary["failed"]]
     return out
 
 
@@ -143,8 +122,7 @@ def aggregate(rows: list[dict], metric: str) -> dict[str, dict]:
     """point (without seed) → {mean, std, by_seed} of `metric`."""
     groups: dict[str, dict[int, float]] = {}
     for r in rows:
-        k = _key(r) + (f",technique={r['technique']}" if "technique" in r else "")
-        groups.setdefault(k.strip(","), {})[_seed(r)] = r[metric]
+        groups.setdefault(_key(r), {})[_seed(r)] = r[metric]
     return {k: _spread(v) for k, v in groups.items()}
 
 
@@ -206,7 +184,8 @@ def _time_findings(res: dict[str, list[dict]]) -> list[dict]:
     diverged: dict[str, int] = {}
     for f in res["failed"]:
         if f["experiment"] == "techniques":
-            diverged[f["technique"]] = diverged.get(f["technique"], 0) + 1
+            tech = f["values"]["strategy.init.technique"]
+            diverged[tech] = diverged.get(tech, 0) + 1
     whole = {k: v for k, v in techs.items() if k.split("=")[-1] not in diverged}
     t_spread = max(v["mean"] for v in whole.values()) - min(v["mean"] for v in whole.values())
     p_spread = ranked[0][1]["mean"] - ranked[-1][1]["mean"]
@@ -459,7 +438,7 @@ def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dic
         )
     if res["failed"]:
         lines += ["## Runs that did not finish", ""]
-        lines += [f"- {f['experiment']} {f.get('technique', '')} {f['point']}: {f['error']}" for f in res["failed"]]
+        lines += [f"- {f['experiment']} {f['point']}: {f['error']}" for f in res["failed"]]
         lines.append("")
     lines += [f"Wall time: {settings['seconds'] / 60:.1f} min. Per-experiment tables and plots: "
               "`outputs/sweeps/<experiment>/`.", ""]

@@ -36,18 +36,22 @@ from tasks.tracking import Tracker
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    """Read and check a sweep file: `name`, `base` (overrides), `grid` (field → list of values)."""
+    """Read and check a sweep file: `name`, `base` (overrides), `grid` (field → list of values; empty:
+    one point) and `same` (field → a grid field whose value it takes, e.g. both TIME axes' technique)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: no such sweep file")
     sweep = yaml.safe_load(p.read_text()) or {}
-    unknown = sorted(set(sweep) - {"name", "base", "grid"})
+    unknown = sorted(set(sweep) - {"name", "base", "grid", "same"})
     if unknown:
-        raise ConfigError(f"{p}: unknown field(s) {unknown}; allowed fields: ['base', 'grid', 'name']")
+        raise ConfigError(f"{p}: unknown field(s) {unknown}; allowed fields: ['base', 'grid', 'name', 'same']")
     grid = sweep.get("grid") or {}
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{p}: grid must map each field to a non-empty list of values")
-    return {"name": str(sweep.get("name") or p.stem), "base": sweep.get("base") or {}, "grid": grid}
+    same = sweep.get("same") or {}
+    if not isinstance(same, dict) or not set(same.values()) <= set(grid):
+        raise ConfigError(f"{p}: same must map fields to fields of the grid {sorted(grid)}")
+    return {"name": str(sweep.get("name") or p.stem), "base": sweep.get("base") or {}, "grid": grid, "same": same}
 
 
 def point_name(values: dict[str, Any]) -> str:
@@ -63,7 +67,8 @@ def points(raw: dict, sweep: dict) -> list[tuple[dict, Config]]:
     for combo in itertools.product(*(sweep["grid"][f] for f in fields)):
         values = dict(zip(fields, combo))
         name = point_name(values)
-        cfg = validate(with_values(base, values), f"sweep point {name}")
+        linked = {dst: values[src] for dst, src in sweep.get("same", {}).items()}
+        cfg = validate(with_values(base, {**values, **linked}), f"sweep point {name}")
         folder = Path(cfg.paths.outputs) / "sweeps" / sweep["name"] / _slug(name)
         paths = cfg.paths.model_copy(update={"outputs": str(folder), "metrics": str(folder / "metrics.json")})
         out.append((values, cfg.model_copy(update={"paths": paths})))

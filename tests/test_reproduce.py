@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flows.cli import main
+from flows.sweep import point_name
 
 
 def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figures(project, capsys):
@@ -46,22 +47,25 @@ def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figure
 
 
 def _rows(points, seeds=(0, 1), value=lambda p, s: 0.1):
-    return [{"point": f"{p},stream.seed={s}".lstrip(","), "GM": value(p, s), "ACC": value(p, s), "BWT": -value(p, s)}
-            for p in points for s in seeds]
+    """Sweep results of the grid values `points` over `seeds`, as sweep_flow reports them."""
+    return [{"point": point_name({**p, "stream.seed": s}), "values": {**p, "stream.seed": s},
+             "GM": value(p, s), "ACC": value(p, s), "BWT": -value(p, s)} for p in points for s in seeds]
 
 
 def test_runs_that_did_not_finish_are_reported_not_scored():
     from flows.reproduce import findings
 
-    pairs = [f"init.mode={i},deploy.mode={d}" for i in ("zs", "ft", "ema", "all") for d in ("ft", "ema", "all")]
+    pairs = [{"strategy.init.mode": i, "strategy.deploy.mode": d} for i in ("zs", "ft", "ema", "all")
+             for d in ("ft", "ema", "all")]
     gm = {"average": 0.30, "ties": 0.34}
     res = {
         "pairs": _rows(pairs, value=lambda p, s: 0.1 + 0.01 * pairs.index(p)),
-        "replay": _rows([""]), "offline": _rows(["deploy.recency=uniform"]),
-        "techniques": [{**r, "technique": t} for t in gm for r in _rows([""], value=lambda p, s: gm[t])],
+        "replay": _rows([{}]), "offline": _rows([{"strategy.deploy.recency": "uniform"}]),
+        "techniques": _rows([{"strategy.init.technique": t} for t in gm],
+                            value=lambda p, s: gm[p["strategy.init.technique"]]),
         "cmm": [],
-        "failed": [{"experiment": "techniques", "technique": "dare_ties", "point": f"stream.seed={s}",
-                    "error": "NonFiniteError: ..."} for s in (0, 1)],
+        "failed": [{**r, "experiment": "techniques", "error": "NonFiniteError: ..."}
+                   for r in _rows([{"strategy.init.technique": "dare_ties"}])],
     }
     found = findings(res)
     spread = next(f for f in found if "matters less" in f["claim"])
@@ -77,11 +81,13 @@ def test_bounds_use_each_seeds_own_task_order():
     orders = {0: ["a", "b"], 1: ["c", "d"]}
     zs = {0: {"a": 0.1, "b": 0.3, "c": 0.9, "d": 0.9, "h": 0.5}, 1: {"a": 0.9, "b": 0.9, "c": 0.2, "d": 0.4, "h": 0.7}}
 
-    def row(point, seed, matrix, **m):
-        return {"point": f"{point},stream.seed={seed}", "matrix": matrix, "order": orders[seed],
+    def row(values, seed, matrix, **m):
+        values = {**values, "stream.seed": seed}
+        return {"point": point_name(values), "values": values, "matrix": matrix, "order": orders[seed],
                 "scores": {}, **{"A_KA": 0.5, "A_ZS": 0.5, "GM": 0.5, **m}}
 
-    res = {"pairs": [row("init.mode=zs,deploy.mode=ft", s, [[0.4], [0.3, 0.8]]) for s in (0, 1)],
+    pair = {"strategy.init.mode": "zs", "strategy.deploy.mode": "ft"}
+    res = {"pairs": [row(pair, s, [[0.4], [0.3, 0.8]]) for s in (0, 1)],
            "offline": [], "replay": [], "multitask": []}
     table = time_table(res, zs, ["h"], 2)
     assert table["zero-shot"]["A_KA"]["by_seed"] == {0: pytest.approx(0.2), 1: pytest.approx(0.3)}

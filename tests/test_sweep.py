@@ -75,3 +75,21 @@ def test_every_committed_sweep_file_is_valid(path):
     sweep = load_sweep(path)
     runs = points({}, sweep)
     assert len(runs) == len({point_name(values) for values, _ in runs}) > 1
+
+
+def test_the_reproduction_experiments_are_sweep_files():
+    from chronomerge.merge import TECHNIQUES
+    from flows.reproduce import SETTING_SWEEPS, SWEEPS, experiments
+
+    assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == sorted(SETTING_SWEEPS)
+    techniques = points({}, load_sweep(SWEEPS / "techniques.yaml"))
+    # every technique but CMM's Fisher merge and the plain forms of DARE and Breadcrumbs, on both axes
+    assert sorted(c.strategy.init.technique for _, c in techniques) == sorted(
+        set(TECHNIQUES) - {"fisher", "dare", "breadcrumbs"})
+    assert all(c.strategy.deploy.technique == c.strategy.init.technique for _, c in techniques)
+    exps = experiments([0, 1], (2, 3))
+    assert [e["name"] for e in exps[:len(SETTING_SWEEPS)]] == list(SETTING_SWEEPS)
+    for exp in exps:  # every experiment's every point is a valid config, run over both seeds
+        runs = points({}, exp)
+        assert {v["stream.seed"] for v, _ in runs} == {0, 1}
+        assert len(runs) == 2 * len({point_name({k: x for k, x in v.items() if k != "stream.seed"}) for v, _ in runs})
