@@ -68,83 +68,36 @@ _DARE = {"drop": P.fraction(0.9, lo_open=False, hi_open=True), "seed": SEED}
 _CRUMBS = {"beta": P.fraction(0.85, False, True), "gamma": P.fraction(0.01, False, True)}
 scale = P.interval  # λ: any finite real number
 
-TECHNIQUES: dict[str, Technique] = {
-    t.name: t
-    for t in [
-        Technique("average", tq.average, {}, "Weight averaging (Wortsman et al. 2022, model soups)", weighted=True),
-        Technique(
-            "slerp",
-            tq.slerp,
-            {"t": P.fraction(0.5, False, False)},
-            "Spherical linear interpolation (Shoemake 1985) of task vectors",
-            min_models=2,
-            max_models=2,
-        ),
-        Technique(
-            "task_arithmetic",
-            tq.task_vector_rule(None, elect=False),
-            {"scale": scale(0.3)},
-            "Task arithmetic (Ilharco et al. 2023): θ0 + λ Σ w_i τ_i",
-            weighted=True,
-        ),
-        Technique(
-            "ties",
-            tq.task_vector_rule("top", elect=True),
-            {"keep": KEEP, "scale": scale(1.0), "scope": SCOPE, "aggregate": AGGREGATE},
-            "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean",
-            prepare=_prepare_top,
-        ),
-        Technique(
-            "dare",
-            tq.task_vector_rule("dare", elect=False),
-            {**_DARE, "scale": scale(0.3)},
-            "DARE (Yu et al. 2024) + task arithmetic",
-            weighted=True,
-        ),
-        Technique(
-            "dare_ties",
-            tq.task_vector_rule("dare", elect=True),
-            {**_DARE, "scale": scale(1.0), "aggregate": AGGREGATE},
-            "DARE (Yu et al. 2024) + TIES sign election and disjoint mean",
-        ),
-        Technique(
-            "breadcrumbs",
-            tq.task_vector_rule("breadcrumbs", elect=False),
-            {**_CRUMBS, "scale": scale(0.3)},
-            "Model Breadcrumbs (Davari & Belilovsky 2024) + task arithmetic",
-            weighted=True,
-        ),
-        Technique(
-            "breadcrumbs_ties",
-            tq.task_vector_rule("breadcrumbs", elect=True),
-            {**_CRUMBS, "scale": scale(1.0), "aggregate": AGGREGATE},
-            "Model Breadcrumbs masks + TIES sign election and disjoint mean",
-        ),
-        Technique("magmax", tq.magmax, {"scale": scale(1.0)}, "MagMax (Marczak et al. 2024): max-magnitude selection"),
-        Technique("model_stock", tq.model_stock, {}, "Model Stock (Jang et al. 2024)", min_models=2),
-        Technique(
-            "lines",
-            tq.lines,
-            {
-                "over": P.choice("task_arithmetic", "task_arithmetic", "ties"),
-                "alpha": P.interval(None, optional=True),
-                "beta": scale(0.5),
-                "keep": KEEP,
-                "scope": SCOPE,
-            },
-            "LiNeS (Wang et al. 2025): layer-increasing scaling of the merged task vector; alpha=None means 1/K",
-            weighted=True,
-            prepare=_prepare_lines,
-        ),
-        Technique(
-            "fisher",
-            tq.fisher,
-            {"fishers": FISHERS, "eps": EPS},
-            "Fisher-weighted averaging (Matena & Raffel 2022), CMM's merge",
-            weighted=True,
-        ),
-    ]
-}
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
+    Technique("average", tq.average, {}, "Weight averaging (Wortsman et al. 2022, model soups)", weighted=True),
+    Technique("slerp", tq.slerp, {"t": P.fraction(0.5, False, False)},
+              "Spherical linear interpolation (Shoemake 1985) of task vectors", min_models=2, max_models=2),
+    Technique("task_arithmetic", tq.task_vector_rule(None, elect=False), {"scale": scale(0.3)},
+              "Task arithmetic (Ilharco et al. 2023): θ0 + λ Σ w_i τ_i", weighted=True),
+    Technique("ties", tq.task_vector_rule("top", elect=True), {"keep": KEEP, "scale": scale(1.0), "scope": SCOPE,
+                                                                    "aggregate": AGGREGATE},
+              "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean",
+              prepare=_prepare_top),
+    Technique("dare", tq.task_vector_rule("dare", elect=False), {**_DARE, "scale": scale(0.3)},
+              "DARE (Yu et al. 2024) + task arithmetic", weighted=True),
+    Technique("dare_ties", tq.task_vector_rule("dare", elect=True),
+              {**_DARE, "scale": scale(1.0), "aggregate": AGGREGATE},
+              "DARE (Yu et al. 2024) + TIES sign election and disjoint mean"),
+    Technique("breadcrumbs", tq.task_vector_rule("breadcrumbs", elect=False), {**_CRUMBS, "scale": scale(0.3)},
+              "Model Breadcrumbs (Davari & Belilovsky 2024) + task arithmetic", weighted=True),
+    Technique("breadcrumbs_ties", tq.task_vector_rule("breadcrumbs", elect=True),
+              {**_CRUMBS, "scale": scale(1.0), "aggregate": AGGREGATE},
+              "Model Breadcrumbs masks + TIES sign election and disjoint mean"),
+    Technique("magmax", tq.magmax, {"scale": scale(1.0)}, "MagMax (Marczak et al. 2024): max-magnitude selection"),
+    Technique("model_stock", tq.model_stock, {}, "Model Stock (Jang et al. 2024)", min_models=2),
+    Technique("lines", tq.lines,
+              {"over": P.choice("task_arithmetic", "task_arithmetic", "ties"), "alpha": P.interval(None, optional=True),
+               "beta": scale(0.5), "keep": KEEP, "scope": SCOPE},
+              "LiNeS (Wang et al. 2025): layer-increasing scaling of the merged task vector; alpha=None means 1/K",
+              weighted=True, prepare=_prepare_lines),
+    Technique("fisher", tq.fisher, {"fishers": FISHERS, "eps": EPS},
+              "Fisher-weighted averaging (Matena & Raffel 2022), CMM's merge", weighted=True),
+]}
 
 
 def resolve_hparams(technique: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
