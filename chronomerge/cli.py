@@ -4,7 +4,6 @@ checkpoints, list techniques, verify a store. They need neither Prefect nor MLfl
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from chronomerge.checkpoints import as_expert, header_metadata, read_checkpoint
@@ -75,30 +74,25 @@ def cmd_verify(args) -> int:
 
 
 def add_core_commands(sub) -> None:
-    m = sub.add_parser(
-        "merge", help="merge checkpoints with one technique, or fold them in order into a continual merger"
-    )
-    m.add_argument("technique", choices=sorted(TECHNIQUES) + sorted(CONTINUAL))
+    what = "merge checkpoints with one technique, or fold them in order into a continual merger"
+    m = sub.add_parser("merge", help=what, description=what)
+    m.add_argument("technique", choices=sorted(TECHNIQUES) + sorted(CONTINUAL),
+                   help="a technique or continual merger (`chronomerge techniques` lists them)")
     m.add_argument("--base", type=Path, required=True, help="open_clip .safetensors or Hugging Face CLIP folder")
     m.add_argument("--models", type=Path, nargs="+", required=True,
                    help="experts in order (open_clip .safetensors or HF CLIP folders; vision-only HF experts take "
                         "the base's text tower)")
-    m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--weights", type=float, nargs="+")
-    m.add_argument("--device", default=None)
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter")
+    m.add_argument("--out", type=Path, required=True, help="the merged checkpoint, a .safetensors file")
+    m.add_argument("--weights", type=float, nargs="+", help="per-model weights (weighted techniques only)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter, e.g. keep=0.3 (repeatable; the value is read as YAML, as everywhere)")
     m.set_defaults(fn=cmd_merge)
-    t = sub.add_parser("techniques", help="list merge techniques, hyperparameters and references")
+    what = "list merge techniques and continual mergers, with hyperparameters and references"
+    t = sub.add_parser("techniques", help=what, description=what)
     t.set_defaults(fn=cmd_techniques)
-    v = sub.add_parser("verify", help="check every object of a checkpoint store against its digests")
-    v.add_argument("store", type=Path)
-    v.add_argument("ids", nargs="*")
+    what = "check every object of a checkpoint store against its digests"
+    v = sub.add_parser("verify", help=what, description=what)
+    v.add_argument("store", type=Path, help="the store's folder (paths.store, e.g. store)")
+    v.add_argument("ids", nargs="*", help="only these checkpoint ids (default: every object)")
     v.set_defaults(fn=cmd_verify)
-
-
-def run_command(args) -> int:
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2

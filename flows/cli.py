@@ -19,7 +19,9 @@ import argparse
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
@@ -28,8 +30,12 @@ from chronomerge import cli as core_cli  # noqa: E402
 from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
 from chronomerge.report import SUMMARY, scores_line  # noqa: E402
-from chronomerge.store import CheckpointStore, atomic_write_bytes  # noqa: E402
+from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
+from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes  # noqa: E402
 from flows.prefect_server import booting, server_for_schedules  # noqa: E402
+
+# Errors that are failures of a run (exit 1), though they are ValueErrors like a user's bad input (exit 2).
+FAILURES = (NonFiniteError, CorruptCheckpointError)
 
 
 def _config(args):
@@ -363,12 +369,23 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP, orchestrated.")
-    sub = p.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The one command line: the pipeline's commands and the core's (merge, techniques, verify)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("chronomerge")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        v = "unknown"
+    p = argparse.ArgumentParser(prog="chronomerge", description="Temporal model merging for CLIP, orchestrated.",
+                                epilog="exit status: 0 done, 1 a failure (a diverged run, a corrupt checkpoint, a "
+                                       "crash), 2 a usage or configuration error, 130 interrupted")
+    p.add_argument("--version", action="version", version=f"chronomerge {v}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and Prefect's console logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def pipeline(name: str, fn, help: str, parent=sub) -> argparse.ArgumentParser:
-        c = parent.add_parser(name, help=help)
+        c = parent.add_parser(name, help=help, description=help)
         c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. train.lr=1e-3 (repeatable)")
@@ -386,13 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("target", nargs="?", help="checkpoint id (64 hex digits) or MLflow run id")
     lg.add_argument("--at", metavar="TIME", help="the model promoted at TIME (ISO 8601, or 'now'), from MLflow alone")
     df = pipeline("diff", cmd_diff, "what changed between two MLflow runs: config, data, metrics, lineage")
-    df.add_argument("run_a")
-    df.add_argument("run_b")
+    df.add_argument("run_a", help="MLflow run id (the older run)")
+    df.add_argument("run_b", help="MLflow run id (the newer run)")
     pipeline("update", cmd_update, "one continual update now: new data in update.incoming → train, merge, gate")
     pipeline("serve", cmd_serve, "serve the update flow as a Prefect deployment on the params schedule")
     ar = pipeline("arrive", cmd_arrive, "drop an embedded-benchmark dataset into update.incoming (a demo of new data)")
     ar.add_argument("dataset", help="an adaptation dataset of the embedded benchmark, e.g. letters-photo")
-    data = sub.add_parser("data", help="your own datasets: chronomerge data add PATH --name NAME")
+    data = sub.add_parser("data", help="your own datasets: chronomerge data add PATH --name NAME",
+                          description="your own datasets: chronomerge data add PATH --name NAME")
     dsub = data.add_subparsers(dest="data_command", required=True)
     da = pipeline("add", cmd_data_add, "turn an image folder (a sub-folder per class) or a CSV/JSONL manifest into a "
                   "task dataset (under data.root)", parent=dsub)
@@ -413,17 +431,65 @@ def main(argv: list[str] | None = None) -> int:
     rp = pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
     rp.add_argument("--reproduce", action="store_true",
                     help="run the papers' experiments over seeds and report whether their findings hold")
-    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    rp.add_argument("--workers", type=int, default=2)
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="with --reproduce: the task orders (stream.seed) to run (default: 0 1 2)")
+    rp.add_argument("--workers", type=int, default=2, help="with --reproduce: stream runs at once (default 2)")
     rp.add_argument("--opcm-lengths", type=int, nargs="+", metavar="T",
                     help="the OPCM setting's stream lengths (default: its Table 1's 8 14 20)")
     pipeline("prepare", cmd_prepare, "generate or check the datasets (DVC stage)")
     pipeline("pretrain", cmd_pretrain, "the base model θ0 (DVC stage)")
     core_cli.add_core_commands(sub)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if getattr(args, "params", None) == "params.yaml" and not Path("params.yaml").exists():
         args.params = None  # defaults when no params file is present
-    return core_cli.run_command(args)
+    if args.debug:
+        return args.fn(args)
+    # Prefect's console logs (a failed task's traceback) stay off, the API still gets them; MLflow says
+    # nothing of its database set-up. Our own lines say what happens.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    previous = signal.signal(signal.SIGINT, _interrupted) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return args.fn(args)
+    except Exception as e:
+        if args.debug:
+            raise
+        usage = isinstance(e, (ValueError, FileNotFoundError, KeyError)) and not isinstance(e, FAILURES)
+        hint = "" if usage else " (--debug shows the traceback)"
+        print(f"error: {error_line(e)}{hint}", file=sys.stderr)
+        return 2 if usage else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: stop at once, as a kill would. Every write is atomic and stage locks go with the process,
+    so rerunning the command resumes (the MLflow run left RUNNING is marked KILLED then). Waiting for
+    Prefect to report the interrupted task to its temporary server, which the terminal's Ctrl-C has
+    stopped too, would hang and print pages of retries."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    sys.stdout.flush()
+    print("interrupted: rerun the same command to resume (finished stages are cached)", file=sys.stderr, flush=True)
+    for server in list(SubprocessASGIServer._instances.values()):
+        if server.server_process is not None:
+            server.server_process.terminate()
+    os._exit(130)
+
+
+def error_line(e: BaseException) -> str:
+    """One readable line: where it happened (a stage's task and name, from the exception's notes) and why."""
+    why = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
+    if not isinstance(e, (ValueError, FileNotFoundError, KeyError)):
+        why = f"{type(e).__name__}: {why}"
+    where = "; ".join(getattr(e, "__notes__", ()))
+    return f"{where}: {why}" if where else why
 
 
 if __name__ == "__main__":

@@ -168,7 +168,11 @@ def walk(cfg: Config, ws: Workspace, digests: dict, arch: dict, sets: dict, runn
         status: dict[str, str] = {}
 
         def run(name: str, stage_task, /, **inputs) -> dict:
-            got = runner(stage_task, ws, **inputs)
+            try:
+                got = runner(stage_task, ws, **inputs)
+            except Exception as e:  # say once where it happened: the CLI prints it before the reason
+                e.add_note(f"task {t}/{len(stream)} {task.name}, stage {name}")
+                raise
             if got is None:
                 raise _NotRun
             outs[name], status[name] = got

@@ -1,6 +1,7 @@
 """The `chronomerge` command line on real safetensors files."""
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,3 +54,58 @@ def test_console_script_lists_techniques():
     assert set(TECHNIQUES) | set(CONTINUAL) <= listed  # every technique and continual merger is a row
     assert all(cls.reference in out for cls in CONTINUAL.values())
     assert "projection='block'" in out  # continual mergers' defaults are listed too
+
+
+def _cli(project, prefect_api, *args, **kw):
+    """`chronomerge ARGS` in a subprocess in the project, against the session's Prefect server."""
+    import os
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_exit_codes_say_what_went_wrong_in_one_line(project, prefect_api):
+    bad = _cli(project, prefect_api, "run", "--set", "train.lr=-1")
+    out, err = bad.communicate(timeout=300)
+    assert bad.returncode == 2  # a configuration error
+    assert err.splitlines() == ["error: params.yaml: train.lr: Input should be greater than 0 (got -1)"]
+    diverged = _cli(project, prefect_api, "run", "--set", "train.lr=1e30", "--set", "stream.length=1")
+    out, err = diverged.communicate(timeout=300)
+    assert diverged.returncode == 1  # a failure of the run
+    assert len(err.splitlines()) == 1, err  # no traceback, no Prefect log lines
+    (line,) = err.splitlines()
+    assert line.startswith("error: task 1/1 t000-") and ", stage train: refusing to store the expert" in line
+    assert line.count("diverged") == 1 and line.endswith("(--debug shows the traceback)")
+
+
+def test_ctrl_c_stops_at_once_with_exit_130_and_the_rerun_resumes(project, prefect_api):
+    import signal
+    import time
+
+    run = _cli(project, prefect_api, "run", "--set", "train.steps=4000")
+    time.sleep(20)  # inside the first task's training
+    assert run.poll() is None
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130
+    assert err.splitlines() == ["interrupted: rerun the same command to resume (finished stages are cached)"]
+
+
+def test_every_command_and_option_says_what_it_is_for():
+    import argparse
+
+    from flows.cli import parser
+
+    def check(p: argparse.ArgumentParser, path: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    assert sub.description, f"{path} {name}: no description"
+                    check(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{path}: {action.option_strings or action.dest} has no help"
+
+    check(parser(), "chronomerge")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("chronomerge ")
