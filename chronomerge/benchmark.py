@@ -38,7 +38,7 @@ def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int 
     model = create_model(arch, seed=seed)
     result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
                       cfg.model_copy(update={"seed": seed}), tokenizer=get_tokenizer(arch), device=device,
-                      progress=progress)
+                      progress=f"pretraining the base θ0 ({name}, seed {seed})" if progress else None)
     oid = store.put(result.state, kind="base", data_digest=recipe["data"], technique="pretrain",
                     hparams=recipe["train"], extra={"model": name, "seed": seed})
     store.set_ref(ref, oid)

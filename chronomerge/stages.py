@@ -41,7 +41,7 @@ class Workspace:
     store: str
     data: str
     device: str = "cpu"
-    progress: bool = False
+    progress: bool = False  # report the progress of long stages (a bar, or lines when not on a terminal)
 
     @cached_property
     def checkpoints(self) -> CheckpointStore:
@@ -150,7 +150,7 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
     pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
     prev = [task_split(ws.data, Task.from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
     result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
-                   replay_pool=pool, previous=prev, progress=ws.progress)
+                   replay_pool=pool, previous=prev, progress=f"train {t.name}" if ws.progress else None)
     hp = {k: v for k, v in cfg.items() if k not in ("bf16", "compile")} | {"seed": tc.seed}
     expert = store.put(result.state, kind="expert", parents=[init], technique="finetune", hparams=hp,
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})

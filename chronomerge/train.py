@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from chronomerge.config import TrainSection
 from chronomerge.data import Split
 from chronomerge.models import autocast, model_input, preprocess_of
+from chronomerge.progress import Progress
 
 TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
 
@@ -55,7 +56,7 @@ def _batch_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, device="cpu",
           replay_pool: Split | None = None, previous: Sequence[Split] = (),
-          head: torch.Tensor | None = None, progress: bool = False) -> TrainResult:
+          head: torch.Tensor | None = None, progress: str | None = None) -> TrainResult:
     """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
 
     `cfg` is params.yaml's validated `train` section (`chronomerge.config.TrainSection`), so its
@@ -63,7 +64,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     (text tower trained unless `train_text=False`). `mode="linear"`: as "vision", but the image tower
     is linearized around the weights it starts from (CMM pre-merge; see `Linearized`).
     `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's classes with the
-    text tower frozen; `head` defaults to the zero-shot head of `model` as given. `progress` shows a bar.
+    text tower frozen; `head` defaults to the zero-shot head of `model` as given. `progress`, a label
+    ("train t003-letters-painting"), reports progress under it (`chronomerge.progress`); None is silent.
     """
     if cfg.replay_pretrain and replay_pool is None:
         raise ValueError("train.replay_pretrain > 0 needs the pretraining pool (replay_pool)")
@@ -122,7 +124,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, pro
     pp = preprocess_of(model)
     model.train()
     losses = []
-    bar = _progress(cfg) if progress else None
+    bar = Progress(progress, cfg.steps) if progress else None
     skip = min(10, cfg.steps // 5)  # steady-state throughput excludes warm-up (and compilation) steps
     t0 = t_steady = time.perf_counter()
     for step in range(cfg.steps):
@@ -144,8 +146,7 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, pro
         opt.step()
         losses.append(loss.detach())  # no host sync per step
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
+            bar.update(step, losses[-1].item)
     _sync(dev)
     end = time.perf_counter()
     secs = end - t0
@@ -214,11 +215,6 @@ def _split_counts(batch: int, weights: list[float]) -> list[int]:
     return counts
 
 
-def _progress(cfg: TrainSection):
-    from tqdm import tqdm
-    return tqdm(total=cfg.steps, desc=f"train ({cfg.mode})", leave=False)
-
-
 # Both steps call the model itself (open_clip's forward: normalised image and text features and
 # exp(logit_scale)), not its encode_* methods, so that a torch.compile'd model runs compiled.
 def _clip_step(model, x, tokens) -> torch.Tensor:
@@ -235,7 +231,7 @@ def _vision_step(model, x, labels, head) -> torch.Tensor:
 
 
 def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainSection, *, tokenizer, device="cpu",
-             progress: bool = False) -> TrainResult:
+             progress: str | None = None) -> TrainResult:
     """Contrastive pretraining of the embedded base model on the pretraining pool's captions."""
     if cfg.mode != "clip":
         raise ValueError("pretraining is contrastive: train.mode must be 'clip'")

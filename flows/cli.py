@@ -360,7 +360,7 @@ def cmd_pretrain(args) -> int:
 
     cfg, arch, _ = _checked(args)
     c = cfg.to_dict()
-    out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), sys.stderr.isatty()),
+    out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), progress=True),
                    arch, c["model"], c["pretrain"], c["data"])
     path = Path(cfg.paths.outputs) / "base.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,9 +47,9 @@ def stream_key(cfg: Config) -> str:
     return cfg.digest(*STREAM_SECTIONS)
 
 
-def workspace(cfg: Config, project: Path) -> Workspace:
+def workspace(cfg: Config, project: Path, progress: bool = False) -> Workspace:
     return Workspace(store=str(project / cfg.paths.store), data=str(project / cfg.data.root),
-                     device=resolve_device(cfg.device), progress=sys.stderr.isatty())
+                     device=resolve_device(cfg.device), progress=progress)
 
 
 def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
@@ -114,7 +113,7 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     root = Path(project)
     c = cfg.to_dict()
     key = stream_key(cfg)
-    ws = workspace(cfg, root)
+    ws = workspace(cfg, root, progress=not quiet)
     (root / LAST_RUN).parent.mkdir(exist_ok=True)
     atomic_write_bytes(root / LAST_RUN, json.dumps(c, indent=1).encode())
     tracker = Tracker(cfg.tracking.mlflow_uri, cfg.tracking.experiment, cfg.tracking.enabled)

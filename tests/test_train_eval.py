@@ -154,3 +154,17 @@ def test_retrieval_recall_of_a_perfect_and_a_random_encoder(tok):
     assert retrieval_recall(oracle, tokenizer, split, "cpu") == 1.0
     assert len(texts) > 10
     assert retrieval_recall(create_model(seed=0), tok, split, "cpu") < 0.7
+
+
+def test_training_off_a_terminal_reports_progress_lines(task, tok, capsys, monkeypatch):
+    """Where output is a file or a pipe, a long training prints step, loss, elapsed and time left."""
+    import chronomerge.progress
+
+    monkeypatch.setattr(chronomerge.progress, "INTERVAL", 0.0)  # a line after every step
+    train(create_model(seed=0), task, TrainSection(steps=4, batch_size=16), tokenizer=tok, progress="train t-demo")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines[:4]] == [f"train t-demo: step {i}/4 ({25 * i}%)" for i in (1, 2, 3, 4)]
+    assert all(" loss " in line and " elapsed, about " in line and line.endswith(" left") for line in lines[:4])
+    assert lines[4].startswith("train t-demo: done in ")
+    train(create_model(seed=0), task, TrainSection(steps=2, batch_size=16), tokenizer=tok)  # no label: silent
+    assert capsys.readouterr().err == ""
