@@ -63,7 +63,7 @@ def cmd_techniques(args) -> int:
 def cmd_verify(args) -> int:
     store = CheckpointStore(args.store)
     bad = 0
-    for oid in args.ids or store.ids():
+    for oid in [store.resolve(i) for i in args.ids] or store.ids():
         try:
             store.verify(oid)
             print(f"ok      {oid} {store.meta(oid)['kind']}")
@@ -94,5 +94,5 @@ def add_core_commands(sub) -> None:
     what = "check every object of a checkpoint store against its digests"
     v = sub.add_parser("verify", help=what, description=what)
     v.add_argument("store", type=Path, help="the store's folder (paths.store, e.g. store)")
-    v.add_argument("ids", nargs="*", help="only these checkpoint ids (default: every object)")
+    v.add_argument("ids", nargs="*", help="only these checkpoint ids or unique prefixes (default: every object)")
     v.set_defaults(fn=cmd_verify)

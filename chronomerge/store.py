@@ -288,6 +288,25 @@ class CheckpointStore:
         refs.mkdir(exist_ok=True)
         atomic_write_bytes(refs / name, oid.encode())
 
+    def matching(self, prefix: str) -> list[str]:
+        """The ids of stored objects that start with `prefix` (4 to 64 hex digits, as git takes them)."""
+        p = prefix.strip().lower()
+        if len(p) < 4 or len(p) > 64 or any(c not in "0123456789abcdef" for c in p):
+            raise ValueError(f"{prefix!r} is not a checkpoint id or prefix (4 to 64 hex digits)")
+        return sorted(q.stem for q in self.objects.glob(f"{p}*.safetensors") if not q.name.startswith("."))
+
+    def resolve(self, prefix: str) -> str:
+        """The id of the one stored object whose id starts with `prefix`; `ValueError` when none does or
+        several do (listing them)."""
+        found = self.matching(prefix)
+        p = prefix.strip().lower()
+        if not found:
+            raise ValueError(f"no checkpoint id in {self.root} starts with {p}")
+        if len(found) > 1:
+            raise ValueError(f"checkpoint prefix {p} is ambiguous in {self.root}: "
+                             + ", ".join(f[:16] for f in found[:5]) + (" …" if len(found) > 5 else ""))
+        return found[0]
+
     def ref(self, name: str) -> str | None:
         """The object a name points at, or None when unset or pointing at a missing object."""
         path = self.root / "refs" / name

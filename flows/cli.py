@@ -142,12 +142,18 @@ def cmd_lineage(args) -> int:
     if args.at or (target and len(target) == 64 and target not in store):
         return cmd_lineage_at(args, cfg)
     if target is None:
-        raise ValueError("lineage needs a checkpoint id, an MLflow run id, or --at TIME")
-    if len(target) != 64:
+        raise ValueError("lineage needs a checkpoint id (or a unique prefix), an MLflow run id, or --at TIME")
+    is_hex = len(target) >= 4 and all(c in "0123456789abcdef" for c in target.lower())
+    if is_hex and store.matching(target):
+        target = store.resolve(target)  # a unique prefix, as git takes one; several: an error naming them
+        for run in _audit(cfg).runs_that_deployed(target) if cfg.tracking.enabled else []:
+            print(f"deployed by mlflow run {run.info.run_id} ({run.info.run_name}, task "
+                  f"{run.data.tags.get('chronomerge.t')}); git commit {run.data.tags.get('git.commit')}")
+    else:
         run = _audit(cfg).run(target)
         if run is None:
-            raise ValueError(f"{target!r} is neither a checkpoint id (64 hex digits) nor an MLflow run id "
-                             f"in {cfg.tracking.mlflow_uri}")
+            raise ValueError(f"{target!r} is neither a checkpoint id (or a unique prefix of one) in {store.root} "
+                             f"nor an MLflow run id in {cfg.tracking.mlflow_uri}")
         tags = run.data.tags
         if "lineage.deployed" not in tags:
             raise ValueError(f"MLflow run {target} carries no lineage.deployed tag (not a chronomerge run?)")
@@ -156,10 +162,6 @@ def cmd_lineage(args) -> int:
             if k.startswith("lineage.") and k != "lineage.deployed":
                 print(f"  {k}: {tags[k]}")
         target = tags["lineage.deployed"]
-    elif cfg.tracking.enabled:
-        for run in _audit(cfg).runs_that_deployed(target):
-            print(f"deployed by mlflow run {run.info.run_id} ({run.info.run_name}, task "
-                  f"{run.data.tags.get('chronomerge.t')}); git commit {run.data.tags.get('git.commit')}")
     print("\n".join(lineage_lines(store, target)))
     return 0
 
@@ -285,7 +287,7 @@ def cmd_export(args) -> int:
 
     cfg, arch, _ = _checked(args)
     store = CheckpointStore(cfg.paths.store)
-    oid = store.ref(args.checkpoint) if args.checkpoint == "latest" else args.checkpoint
+    oid = store.ref(args.checkpoint) if args.checkpoint == "latest" else store.resolve(args.checkpoint)
     if oid is None:
         raise ValueError("export: nothing promoted yet (the store has no 'latest' ref)")
     path = export_open_clip(store, oid, args.path, arch)
@@ -400,7 +402,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2)")
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     lg = pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from")
-    lg.add_argument("target", nargs="?", help="checkpoint id (64 hex digits) or MLflow run id")
+    lg.add_argument("target", nargs="?", help="checkpoint id or a unique prefix of one (as git takes them), or an "
+                    "MLflow run id")
     lg.add_argument("--at", metavar="TIME", help="the model promoted at TIME (ISO 8601, or 'now'), from MLflow alone")
     df = pipeline("diff", cmd_diff, "what changed between two MLflow runs: config, data, metrics, lineage")
     df.add_argument("run_a", help="MLflow run id (the older run)")
@@ -426,7 +429,7 @@ def parser() -> argparse.ArgumentParser:
         "--image-size", type=int, help="store images at this square size (default: native, or 224 when sizes differ)"
     )
     ex = pipeline("export", cmd_export, "write a stored checkpoint as a plain open_clip checkpoint")
-    ex.add_argument("checkpoint", help="checkpoint id, or 'latest' for the promoted model")
+    ex.add_argument("checkpoint", help="checkpoint id or a unique prefix, or 'latest' for the promoted model")
     ex.add_argument("path", help="output file, ending in .safetensors")
     rp = pipeline("report", cmd_report, "plots and the metrics table of the last run's outputs")
     rp.add_argument("--reproduce", action="store_true",

@@ -117,6 +117,8 @@ def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, 
     assert f"deployed by mlflow run {last.info.run_id}" in out
     assert "git commit unknown" in out  # the test project is not a git repository
     assert out.count("expert  ") == 3, "each of the three experts is shown once"
+    assert main(["lineage", summary["deployed"][:16]]) == 0  # the ids lineage prints can be pasted back
+    assert capsys.readouterr().out == out
 
 
 def test_opcm_deploys_through_its_stored_state_and_logs_lambda(project):

@@ -184,3 +184,18 @@ def test_a_diverged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tiny_
         store.put(diverged, kind="deployed", parents=[base], technique="dare_ties")
     assert store.ids() == [base]
     assert not list((tmp_path / "objects").glob(".tmp-*"))
+
+
+def test_a_unique_prefix_names_a_checkpoint_as_in_git(tmp_path, tiny_base):
+    store = CheckpointStore(tmp_path)
+    oid = store.put(tiny_base, kind="base")
+    assert store.resolve(oid[:8]) == oid and store.resolve(oid[:16].upper()) == oid and store.resolve(oid) == oid
+    twin = oid[:6] + ("0" if oid[6] != "0" else "1") * 58  # another id sharing the first 6 digits
+    store.path(twin).write_bytes(store.path(oid).read_bytes())
+    with pytest.raises(ValueError, match=f"checkpoint prefix {oid[:6]} is ambiguous in .*: .*{oid[:16]}"):
+        store.resolve(oid[:6])
+    assert store.resolve(oid[:7]) == oid  # one more digit tells them apart
+    with pytest.raises(ValueError, match="starts with"):
+        store.resolve("ffff" if not oid.startswith("ffff") else "0000")
+    with pytest.raises(ValueError, match="4 to 64 hex digits"):
+        store.resolve("xyz1")
