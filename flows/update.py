@@ -16,6 +16,7 @@ writes the same record):
 """
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +26,8 @@ from prefect import flow
 from chronomerge import promotion
 from chronomerge.arrivals import STREAM_KIND, read_arrivals, stream_tasks
 from chronomerge.config import load_config, validate, with_values
+from chronomerge.export import export_open_clip
+from chronomerge.models import TINY, architecture
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
 from tasks.locks import ProcessLockManager
@@ -76,22 +79,31 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
         store = CheckpointStore(root / cfg.paths.store)
         store.set_ref(LATEST, deployed)
         if cfg.tracking.enabled:
-            decision["model_version"] = register_promotion(
-                cfg.tracking.mlflow_uri,
-                cfg.update.registered_model,
-                cfg.update.alias,
-                deployed,
-                str(store.path(deployed)),
-                summary["run_id"],
-                {
-                    "tasks": str(len(arrived)),
-                    "gate": reason,
-                    **{k: f"{v:.6f}" for k, v in summary["final"].items() if v is not None},
-                },
-            )
+            with tempfile.TemporaryDirectory() as folder:
+                model_dir = _model_files(store, deployed, stream, Path(folder))
+                decision["model_version"] = register_promotion(
+                    cfg.tracking.mlflow_uri, cfg.update.registered_model, cfg.update.alias, deployed, model_dir,
+                    summary["run_id"], {"tasks": str(len(arrived)), "gate": reason,
+                                        **{k: f"{v:.6f}" for k, v in summary["final"].items() if v is not None}})
     if cfg.tracking.enabled:
         tag_run(cfg.tracking.mlflow_uri, summary["run_id"],
                 {"gate.decision": decision["status"], "gate.reason": reason,
                  "gate.previous": decision["previous"] or "-", "update.incoming.dvc_md5": dvc_md5 or "-"})
     promotion.record(root, decision)
     return decision
+
+
+def _model_files(store: CheckpointStore, deployed: str, cfg, folder: Path) -> Path:
+    """The promoted model as a registered model version holds it: a plain open_clip checkpoint and a
+    README saying how to load it."""
+    arch = architecture(cfg.model.name, cfg.model.pretrained)
+    export_open_clip(store, deployed, folder / "model.safetensors", arch)
+    register = "import chronomerge.models  # registers chronomerge's embedded config with open_clip\n" \
+        if arch["name"] == TINY else ""
+    (folder / "README.md").write_text(
+        f"# chronomerge checkpoint {deployed}\n\n"
+        "A plain open_clip state dict (safetensors); its header records the architecture and preprocessing.\n\n"
+        f"```python\nimport mlflow\nimport open_clip\n{register}\n"
+        "folder = mlflow.artifacts.download_artifacts(\"models:/<registered model>@<alias>\")\n"
+        f"model = open_clip.create_model({arch['name']!r}, pretrained=folder + \"/model.safetensors\")\n```\n")
+    return folder

@@ -150,16 +150,22 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()])
 
 
-def register_promotion(uri: str, model: str, alias: str, deployed: str, source: str, run_id: str,
+def register_promotion(uri: str, model: str, alias: str, deployed: str, model_dir: Path, run_id: str,
                        tags: Mapping[str, str]) -> str:
     """A new version of registered model `model` for a promoted checkpoint, and `alias` moved to it.
-    The version's creation time is when it was promoted; `chronomerge lineage --at` reads it."""
+
+    The files of `model_dir` (the checkpoint as a plain open_clip safetensors file and how to load it)
+    become the run's `model/` artifacts and the version's source (`runs:/<run>/model`), so
+    `mlflow.artifacts.download_artifacts("models:/<model>@<alias>")` returns the weights wherever the
+    tracking server and its artifact store are reachable. The version's creation time is when it was
+    promoted; `chronomerge lineage --at` reads it."""
     client = MlflowClient(tracking_uri=uri)
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
     try:
         client.get_registered_model(model)
     except MlflowException:
         client.create_registered_model(model, description="chronomerge: models promoted by continual updates")
-    version = client.create_model_version(model, source, run_id=run_id,
+    version = client.create_model_version(model, f"runs:/{run_id}/model", run_id=run_id,
                                           tags={"lineage.deployed": deployed, **tags})
     client.set_registered_model_alias(model, alias, version.version)
     return version.version

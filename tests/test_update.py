@@ -81,6 +81,18 @@ def test_arriving_data_is_trained_merged_gated_and_audited(dvc_project, capsys):
     client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
     v = client.get_model_version_by_alias(cfg.update.registered_model, cfg.update.alias)
     assert v.tags["lineage.deployed"] == first["candidate"] and v.version == first["model_version"]
+    # The registered version is downloadable: the weights (a plain open_clip checkpoint) and how to load them.
+    import mlflow
+    from safetensors.torch import load_file
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    got = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.update.registered_model}@{cfg.update.alias}",
+                                                   dst_path=str(project / "downloaded")))
+    weights = load_file(got / "model.safetensors")
+    assert weights.keys() == store.load(first["candidate"]).keys()
+    assert all(torch.equal(w, store.load(first["candidate"])[k]) for k, w in weights.items())
+    open_clip.create_model("chronoclip-tiny", pretrained=str(got / "model.safetensors"))  # loads as documented
+    assert "open_clip.create_model('chronoclip-tiny'" in (got / "README.md").read_text()
     assert client.get_run(first["run_id"]).data.tags["gate.decision"] == "promoted"
 
     again = update_flow(project=str(project))
