@@ -47,6 +47,14 @@ def stream_key(cfg: Config) -> str:
     return cfg.digest(*STREAM_SECTIONS)
 
 
+def stream_title(cfg: Config) -> str:
+    """What a stream is, in words: its tasks and its strategy (the report's title, the MLflow run's name)."""
+    d = cfg.strategy.deploy
+    deploy = f"continual/{d.merger}" if d.mode == "continual" else f"{d.mode}/{d.technique}"
+    return (f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: "
+            f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, deploy {deploy}")
+
+
 def workspace(cfg: Config, project: Path, progress: bool = False) -> Workspace:
     return Workspace(store=str(project / cfg.paths.store), data=str(project / cfg.data.root),
                      device=resolve_device(cfg.device), progress=progress)
@@ -123,7 +131,7 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     commit = git_commit(root)
     digests = prepare_inputs(cfg, ws, sets)
     tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
-                  ws.data, stale, tags or {})
+                  ws.data, stale, tags or {}, name=stream_title(cfg))
     try:
         summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo, arch, sets)
     except BaseException as e:
@@ -224,11 +232,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
             + "  " + scores_line(step, SUMMARY))
-    title = (
-        f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: "
-        f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, "
-        f"deploy {cfg.strategy.deploy.mode}/{cfg.strategy.deploy.technique}"
-    )
+    title = stream_title(cfg)
     experts = [s["checkpoints"]["expert"] for s in steps]
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
                "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}

@@ -93,7 +93,7 @@ class Tracker:
 
     def start(self, stream_key: str, config: Mapping[str, Any], config_digest: str, commit: str,
               digests: Mapping[str, str], data_root: str, resumed_from: list[str],
-              extra_tags: Mapping[str, str] | None = None) -> str | None:
+              extra_tags: Mapping[str, str] | None = None, name: str | None = None) -> str | None:
         if not self.enabled:
             return None
         tags = {STREAM_TAG: stream_key, "chronomerge.config_digest": config_digest,
@@ -102,7 +102,7 @@ class Tracker:
         if resumed_from:
             tags["chronomerge.resumed_from"] = ",".join(resumed_from)
         tags.update(extra_tags or {})
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"stream-{stream_key[:12]}")
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name or f"stream-{stream_key[:12]}")
         self.parent = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in dotted(config).items()]
         for chunk in _chunks(params, 100):
@@ -124,7 +124,7 @@ class Tracker:
         if not self.enabled:
             return None
         now = int(time.time() * 1000)
-        run = self.client.create_run(self.experiment_id, run_name=f"t{t:03d}-{name}",
+        run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": self.parent, "chronomerge.t": str(t), **tags})
         rid = run.info.run_id
         self.client.log_batch(rid, metrics=[Metric(k, float(v), now, t) for k, v in metrics.items()])
