@@ -29,10 +29,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress li
 from chronomerge import cli as core_cli  # noqa: E402
 from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
-from chronomerge.report import SUMMARY, scores_line  # noqa: E402
+from chronomerge.report import scores_line  # noqa: E402
 from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
 from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes  # noqa: E402
-from flows.prefect_server import booting, server_for_schedules  # noqa: E402
+from flows.prefect_server import booting, server_for_schedules, stop_all  # noqa: E402
 
 # Errors that are failures of a run (exit 1), though they are ValueErrors like a user's bad input (exit 2).
 FAILURES = (NonFiniteError, CorruptCheckpointError)
@@ -212,19 +212,10 @@ def cmd_diff(args) -> int:
 
 
 def cmd_update(args) -> int:
-    cfg = _checked(args)[0]  # a bad params file fails before Prefect starts
+    _checked(args)  # a bad params file fails before Prefect starts
     with booting():
         from flows.update import update_flow
-    d = update_flow(project=".", params=args.params, sets=args.set)
-    print(f"{d['status']}: {d['reason']}")
-    for r in d["rejected"]:
-        print(f"{r.get('status', 'rejected')} {r['name']}: {r['reason']}")
-    if "candidate" in d:
-        m = d["metrics"]
-        print(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
-              + scores_line(m, SUMMARY, digits=2))
-    store = CheckpointStore(cfg.paths.store)
-    print(f"deployed (latest): {store.ref('latest') or '-'}")
+    update_flow(project=".", params=args.params, sets=args.set, announce=True)
     return 0
 
 
@@ -236,12 +227,14 @@ def cmd_serve(args) -> int:
     from flows.update import update_flow
 
     schedule = {"interval": cfg.update.interval} if cfg.update.interval else {"cron": cfg.update.cron}
-    print(f"serving chronomerge-update ({schedule}) against {os.environ['PREFECT_API_URL']}; "
-          f"new task data goes in {cfg.update.incoming}/", flush=True)
+    when = f"every {cfg.update.interval} s" if cfg.update.interval else f"on cron {cfg.update.cron!r}"
+    print(f"serving chronomerge-update {when} (Prefect API {os.environ['PREFECT_API_URL']}, no UI); new task data "
+          f"goes in {cfg.update.incoming}/; each update's decision is printed here; Ctrl-C stops", flush=True)
     try:
-        update_flow.serve(name="chronomerge-update", limit=1, pause_on_shutdown=False,
+        update_flow.serve(name="chronomerge-update", limit=1, pause_on_shutdown=False, print_starting_message=False,
                           entrypoint_type=EntrypointType.MODULE_PATH,
-                          parameters={"project": str(Path.cwd()), "params": args.params, "sets": args.set},
+                          parameters={"project": str(Path.cwd()), "params": args.params, "sets": args.set,
+                                      "announce": True},
                           **schedule)
     finally:
         if server is not None:
@@ -476,13 +469,9 @@ def _interrupted(signum, frame) -> None:
     so rerunning the command resumes (the MLflow run left RUNNING is marked KILLED then). Waiting for
     Prefect to report the interrupted task to its temporary server, which the terminal's Ctrl-C has
     stopped too, would hang and print pages of retries."""
-    from prefect.server.api.server import SubprocessASGIServer
-
     sys.stdout.flush()
     print("interrupted: rerun the same command to resume (finished stages are cached)", file=sys.stderr, flush=True)
-    for server in list(SubprocessASGIServer._instances.values()):
-        if server.server_process is not None:
-            server.server_process.terminate()
+    stop_all()
     os._exit(130)
 
 

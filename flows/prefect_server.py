@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+_STARTED: list[subprocess.Popen] = []  # long-running servers this process started
+
 
 @contextlib.contextmanager
 def booting():
@@ -62,4 +64,15 @@ def server_for_schedules() -> subprocess.Popen | None:
                 raise RuntimeError(f"the Prefect server did not start; see {log}") from None
             time.sleep(0.5)
     os.environ["PREFECT_API_URL"] = url
+    _STARTED.append(server)
     return server
+
+
+def stop_all() -> None:
+    """Stop every Prefect server this process started (an interrupted command leaves none behind)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    temporary = [s.server_process for s in list(SubprocessASGIServer._instances.values())]
+    for process in [*temporary, *_STARTED]:
+        if process is not None and process.poll() is None:
+            process.terminate()

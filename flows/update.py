@@ -28,6 +28,7 @@ from chronomerge.arrivals import STREAM_KIND, read_arrivals, stream_tasks
 from chronomerge.config import load_config, validate, with_values
 from chronomerge.export import export_open_clip
 from chronomerge.models import TINY, architecture
+from chronomerge.report import SUMMARY, scores_line
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
 from tasks.locks import ProcessLockManager
@@ -38,16 +39,34 @@ LATEST = "latest"
 
 
 @flow(name="chronomerge-update", validate_parameters=False)
-def update_flow(project: str = ".", params: str | None = "params.yaml", sets: list[str] | None = None) -> dict:
-    """One continual update of the project at `project`; returns its decision record."""
+def update_flow(project: str = ".", params: str | None = "params.yaml", sets: list[str] | None = None,
+                announce: bool = False) -> dict:
+    """One continual update of the project at `project`; returns its decision record. `announce` prints
+    the decision as it is made (what `chronomerge update` and each run of `chronomerge serve` show)."""
     root = Path(project).resolve()
     locks = ProcessLockManager(root / ".chronomerge" / "locks")
     holder = uuid.uuid4().hex
     locks.acquire_lock("update", holder)
     try:
-        return _update(root, params, list(sets or []))
+        decision = _update(root, params, list(sets or []))
     finally:
         locks.release_lock("update", holder)
+    if announce:
+        print("\n".join(decision_lines(decision, root)), flush=True)
+    return decision
+
+
+def decision_lines(d: dict, root: Path) -> list[str]:
+    """An update's decision in words: promoted / refused / up to date / waiting and why, what was
+    rejected or skipped, the candidate's scores, and what is deployed now."""
+    lines = [f"{d['status']}: {d['reason']}"]
+    lines += [f"{r.get('status', 'rejected')} {r['name']}: {r['reason']}" for r in d["rejected"]]
+    if "candidate" in d:
+        lines.append(f"candidate {d['candidate']} after {d['tasks']} tasks (new: {', '.join(d['new']) or '-'}): "
+                     + scores_line(d["metrics"], SUMMARY, digits=2))
+    latest = promotion.promoted(promotion.read_decisions(root))
+    lines.append(f"deployed (latest): {latest['candidate'] if latest else '-'}")
+    return lines
 
 
 def _update(root: Path, params: str | None, sets: list[str]) -> dict:

@@ -208,6 +208,18 @@ def test_a_served_deployment_picks_up_arriving_data(dvc_project):
             serve.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+    out = serve.stdout.read()
+    assert serve.returncode == 130, out[-3000:]  # Ctrl-C
+    banner = out.splitlines()[0]
+    assert banner.startswith("serving chronomerge-update every 2 s") and "no UI" in banner
+    assert "Prefect UI" not in out and "/deployments/" not in out  # no link to a UI that is not served
+    assert "promoted: first model" in out and "candidate " in out  # each update's decision, as it happened
+    assert out.count("deployed (latest): ") >= 2
+    import urllib.request
+
+    api = banner.split("Prefect API ")[1].split(",")[0]
+    with pytest.raises(OSError):  # the Prefect server serve started is stopped with it
+        urllib.request.urlopen(f"{api}/health", timeout=5)
 
 
 def test_update_takes_image_folders_manifests_and_experts_and_reports_the_rest(project, capsys):
