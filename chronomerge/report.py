@@ -92,7 +92,7 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
 
     steps = history["steps"]
     ts = [s["t"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     absent = []
     for k in SUMMARY:
         if any(s[k] is not None for s in steps):
@@ -102,22 +102,34 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     if absent:
         ax.text(0.01, 0.02, f"{', '.join(absent)} absent (no held-out sets)", transform=ax.transAxes, fontsize=8,
                 color="0.4")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("task t")
     ax.set_ylabel("score (%)")
-    ax.set_title(history.get("title", "stream"))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title("A_KA, A_ZS and GM after each task", fontsize=10)
+    for k in ("ACC", "BWT"):
+        ax2.plot(ts, [np.nan if s[k] is None else 100 * s[k] for s in steps], marker="o", ms=3, label=k)
+    ax2.axhline(0, color="0.6", lw=0.8)
+    ax2.set_ylabel("points")
+    ax2.set_title("ACC and BWT over the tasks seen", fontsize=10)
+    for a in (ax, ax2):
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        a.set_xlabel("task t (1-based)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8, loc="best")
+    fig.suptitle(history.get("title", "stream"), fontsize=11)
     fig.tight_layout()
     curves = folder / "metrics.png"
     _save(fig, curves)
     r = matrix(history)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(100 * r, vmin=0, vmax=100, cmap="viridis")
-    ax.set_xlabel("task i")
-    ax.set_ylabel("after step t")
-    ax.set_xticks(range(len(ts)), [str(t) for t in ts], fontsize=6)
-    ax.set_yticks(range(len(ts)), [str(t) for t in ts], fontsize=6)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    seen = 100 * r[np.isfinite(r)]
+    im = ax.imshow(100 * r, vmin=float(seen.min()) if seen.size else 0, vmax=float(seen.max()) if seen.size else 100,
+                   cmap="viridis")
+    ax.set_xlabel("task i (1-based)")
+    ax.set_ylabel("after step t (1-based)")
+    _task_ticks(ax, len(ts))
+    if len(ts) <= 12:  # few enough cells to read their values
+        for (t, i), v in np.ndenumerate(100 * r):
+            if np.isfinite(v):
+                ax.text(i, t, f"{v:.0f}", ha="center", va="center", fontsize=8, color="w" if v < seen.mean() else "k")
     fig.colorbar(im, ax=ax, label="score on task i (%)")
     ax.set_title("accuracy matrix R[t, i]")
     fig.tight_layout()
@@ -129,7 +141,10 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(ts, lams, marker="o", ms=3, label="λ(t)")
         ax.plot(ts, [math.sqrt(t) for t in ts], ls="--", label="√t")
-        ax.set_xlabel("task t")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("task t (1-based)")
+        ax.set_ylabel("scaling λ")
+        ax.set_title("OPCM's adaptive λ(t) against √t")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -137,17 +152,28 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
         _save(fig, out[-1])
     if history.get("task_vector_cosine"):
         cos = np.asarray(history["task_vector_cosine"])
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        im = ax.imshow(cos, vmin=-1, vmax=1, cmap="coolwarm")
-        fig.colorbar(im, ax=ax, label="cos(τ_i, τ_j)")
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        off = np.abs(cos[~np.eye(len(cos), dtype=bool)])
+        lim = float(off.max()) if off.size and off.max() > 0 else 1.0  # a scale that fits the pairs, not the diagonal
+        im = ax.imshow(cos, vmin=-lim, vmax=lim, cmap="coolwarm")
+        fig.colorbar(im, ax=ax, label="cos(τ_i, τ_j) (diagonal 1, off the scale)")
         ax.set_title("task-vector cosine similarity")
-        ax.set_xlabel("task j")
-        ax.set_ylabel("task i")
+        ax.set_xlabel("task j (1-based)")
+        ax.set_ylabel("task i (1-based)")
+        _task_ticks(ax, len(cos))
         fig.tight_layout()
         out.append(folder / "task_vector_cosine.png")
         _save(fig, out[-1])
     plt.close("all")
     return out
+
+
+def _task_ticks(ax, n: int) -> None:
+    """1-based task labels on both axes of an n × n heatmap, at most about ten of them, readable."""
+    every = max(1, math.ceil(n / 10))
+    pos = list(range(0, n, every))
+    ax.set_xticks(pos, [str(i + 1) for i in pos], fontsize=9)
+    ax.set_yticks(pos, [str(i + 1) for i in pos], fontsize=9)
 
 
 def _save(fig, path: Path) -> None:
