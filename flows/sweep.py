@@ -150,6 +150,7 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from chronomerge.report import _save
 
@@ -162,7 +163,9 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
                     label=r["point"], lw=1.2)
     for ax, m in zip(axes, SUMMARY):
         ax.set_title(m)
-        ax.set_xlabel("task t")
+        ax.set_xlabel("task t (1-based)")
+        ax.set_ylabel(f"{m} (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, loc="best")
     fig.tight_layout()
