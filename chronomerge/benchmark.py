@@ -22,17 +22,25 @@ from chronomerge.train import pretrain
 PRETRAIN = TrainSection(**PretrainSection().model_dump())
 
 
+def base_recipe(model: str, seed: int, pool_digest: str, cfg: TrainSection) -> dict:
+    """What determines a pretrained base: model, seed, the pool's digest and the training config."""
+    # "progress": False keeps the recipe's shape (and so the ids of stored bases) as it has been
+    return {"model": model, "seed": seed, "data": pool_digest, "train": {**cfg.model_dump(), "progress": False}}
+
+
+def base_ref(recipe: dict) -> str:
+    """The store ref under which the base of `recipe` is kept."""
+    return "base-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0,
                 arch: str | Mapping[str, Any] = TINY, cfg: TrainSection = PRETRAIN, device: str = "cpu",
                 size_factor: float = 1.0, progress: bool = False) -> str:
     """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
     name = arch_of(arch)["name"]
     digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
-    recipe = {"model": name, "seed": seed, "data": digests[catalog.PRETRAIN.name],
-              # "progress": False keeps the recipe's shape (and so the ids of stored bases) as it has been
-              "train": {**cfg.model_dump(), "progress": False}}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    ref = f"base-{key}"
+    recipe = base_recipe(name, seed, digests[catalog.PRETRAIN.name], cfg)
+    ref = base_ref(recipe)
     if (oid := store.ref(ref)) is not None:
         return oid
     model = create_model(arch, seed=seed)

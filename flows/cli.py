@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
 
 from chronomerge import cli as core_cli  # noqa: E402
-from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
+from chronomerge.config import ConfigError, TrainSection, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
 from chronomerge.report import scores_line  # noqa: E402
 from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
@@ -92,17 +92,28 @@ def peek_stage(stage_task, ws, /, **inputs):
 
 
 def cmd_status(args) -> int:
+    """What `chronomerge run` with the same settings would do: done stages (cached), the next one, and
+    the tasks after it. Without --set or --params, the settings of the last run started here."""
     from chronomerge.arrivals import digest_arrived
+    from chronomerge.benchmark import base_recipe, base_ref
     from chronomerge.checkpoints import read_checkpoint
-    from flows.stream import STAGES, stream_key, walk, workspace
+    from chronomerge.data import catalog
+    from chronomerge.stages import build_tasks
+    from chronomerge.store import CheckpointStore
+    from flows.stream import LAST_RUN, STAGES, check, stream_key, stream_title, walk, workspace
 
-    cfg, arch, sets = _checked(args)
+    if not args.set and not args.params_given and LAST_RUN.exists():
+        cfg = validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN))
+        arch, sets = check(cfg)
+        source = f"the last run's ({LAST_RUN}; --set or --params for others)"
+    else:
+        cfg, arch, sets = _checked(args)
+        source = args.params or "defaults"
     ws = workspace(cfg, Path("."))
     manifest = Path(ws.data) / "manifest.json"
-    print(f"stream {stream_key(cfg)[:16]}: {cfg.stream.kind} × {cfg.stream.length}, "
-          f"init {cfg.strategy.init.mode}, deploy {cfg.strategy.deploy.mode}")
+    print(f"stream {stream_key(cfg)[:16]}: {stream_title(cfg)}\nsettings: {source}")
     if not manifest.exists():
-        print(f"data: not prepared ({manifest} missing); next: prepare")
+        print(f"data: not prepared ({manifest} missing); next: prepare (chronomerge run does it first)")
         return 0
     known = json.loads(manifest.read_text())["datasets"]
     try:  # digests as recorded (embedded) or as the folders are (the user's); nothing is generated
@@ -113,25 +124,37 @@ def cmd_status(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"data: not ready ({e}); next: prepare")
         return 0
-    done = 0
-    walker = walk(cfg, ws, digests, arch, sets, runner=peek_stage)
-    base_seen = False
-    for item in walker:
+    done, shown, pending = 0, 0, None
+    for item in walk(cfg, ws, digests, arch, sets, runner=peek_stage):
         if item[0] == "base":
-            base_seen = True
             print(f"base: done ({item[1]['base'][:16]})")
             continue
         task, outs, status = item
+        shown += 1
         marks = " ".join(f"{s}:{'done' if s in status else '-'}" for s in STAGES)
         print(f"  {task.index + 1:>3} {task.name:34s} {marks}")
         if len(status) == len(STAGES):
             done += 1
         else:
-            print(f"next: task {task.index + 1}, stage {next(s for s in STAGES if s not in status)}")
+            pending = f"task {task.index + 1}, stage {next(s for s in STAGES if s not in status)}"
             break
-    if not base_seen:
-        print("base: not done; next: pretrain (or import model.pretrained)")
-    print(f"{done}/{cfg.stream.length} tasks complete")
+    if shown == 0:  # the base stage has no record: say what the run's base stage will do
+        store = CheckpointStore(cfg.paths.store)
+        pool = known.get(catalog.PRETRAIN.name)
+        ref = None if cfg.model.pretrained or pool is None else base_ref(
+            base_recipe(arch["name"], cfg.data.seed, pool, TrainSection(**cfg.pretrain.model_dump())))
+        if cfg.model.pretrained:
+            print(f"base: imported from model.pretrained ({cfg.model.pretrained}) when the run starts")
+        elif ref and store.ref(ref):
+            print(f"base: in the store ({store.ref(ref)[:16]}); the run records it and goes on")
+        else:
+            print(f"base: not pretrained yet; the run pretrains it first ({cfg.pretrain.steps} steps)")
+        pending = "the base, then task 1"
+    tasks = build_tasks(cfg.stream.model_dump(mode="json"))
+    for task in ([] if cfg.stream.multitask else tasks[shown:]):
+        print(f"  {task.index + 1:>3} {task.name:34s} to run")
+    total = 1 if cfg.stream.multitask else cfg.stream.length
+    print(f"{done}/{total} tasks complete" + (f"; next: {pending}" if pending else ""))
     return 0
 
 
@@ -381,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
 
     def pipeline(name: str, fn, help: str, parent=sub) -> argparse.ArgumentParser:
         c = parent.add_parser(name, help=help, description=help)
-        c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        c.add_argument("--params", help="params file (default: params.yaml, or the defaults when there is none)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. train.lr=1e-3 (repeatable)")
         c.set_defaults(fn=fn)
@@ -440,8 +463,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "params", None) == "params.yaml" and not Path("params.yaml").exists():
-        args.params = None  # defaults when no params file is present
+    args.params_given = getattr(args, "params", None) is not None
+    if hasattr(args, "params") and args.params is None and Path("params.yaml").exists():
+        args.params = "params.yaml"
     if args.debug:
         return args.fn(args)
     # Prefect's console logs (a failed task's traceback) stay off, the API still gets them; MLflow says

@@ -82,6 +82,8 @@ def test_resume_reruns_the_last_started_run_and_status_reports_progress(project,
     assert status.returncode == 0, status.stderr
     assert "next: task 2, stage train" in status.stdout and "0/3 tasks complete" not in status.stdout
     assert "1/3 tasks complete" in status.stdout
+    assert "settings: the last run's" in status.stdout  # what `resume` would run, without repeating --set
+    assert status.stdout.count(" to run") == 1 and "t002-" in status.stdout  # the task after the next is listed
     resumed = cli(project, prefect_api, "resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "deployed: " in resumed.stdout
@@ -89,3 +91,10 @@ def test_resume_reruns_the_last_started_run_and_status_reports_progress(project,
     assert "3/3 tasks complete" in status.stdout
     longer = cli(project, prefect_api, "status", "--set", "stream.length=4")
     assert "next: task 4, stage init" in longer.stdout
+
+
+def test_status_of_a_fresh_project_says_the_run_starts_from_the_stored_base(project, prefect_api):
+    status = cli(project, prefect_api, "status")
+    assert status.returncode == 0, status.stderr
+    assert "base: in the store (" in status.stdout and "settings: params.yaml" in status.stdout
+    assert status.stdout.count(" to run") == 3 and "0/3 tasks complete; next: the base, then task 1" in status.stdout
