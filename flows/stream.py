@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import prefect.runtime
 from prefect import flow
 
 from chronomerge.config import Config, ConfigError
@@ -111,7 +112,8 @@ class _NotRun(Exception):
     """The runner did not run a stage (`status` walks only what is cached): the walk stops there."""
 
 
-@flow(name="chronomerge-stream", validate_parameters=False)
+@flow(name="chronomerge-stream", validate_parameters=False,
+      flow_run_name=lambda: stream_title(prefect.runtime.flow_run.parameters["cfg"]))
 def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict | None = None) -> dict:
     """Run (or resume) the stream that the validated params `cfg` describe; returns its summary.
     `tags` are added to the MLflow parent run (a sweep names itself and the point)."""

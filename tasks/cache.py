@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import prefect.runtime
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.settings import PREFECT_HOME
@@ -49,6 +50,16 @@ def stage_key(name: str, version: str, parameters: dict) -> str:
     return f"{name}-{hashlib.sha256(body.encode()).hexdigest()}"
 
 
+def run_name(stage: str, parameters: dict) -> str:
+    """A stage run named after what it does: `train t003-numerals-neon` (the task it works on), or, for
+    a stage that sees only the store, its task number (`init task 4`)."""
+    task = parameters.get("task") or (parameters.get("tasks") or [None])[-1]
+    if task:
+        return f"{stage} {task['name']}"
+    so_far = parameters.get("experts", (parameters.get("storage") or {}).get("experts"))
+    return stage if so_far is None else f"{stage} task {len(so_far) + 1}"
+
+
 def stage(name: str, modules: tuple[str, ...]):
     """Decorator: a core stage function → a cached, persisted Prefect task named `name`."""
     def wrap(fn: Callable):
@@ -56,7 +67,8 @@ def stage(name: str, modules: tuple[str, ...]):
         policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: stage_key(name, version, params)).configure(
             isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(Path(PREFECT_HOME.value()) / "locks"))
         t = task(name=name, cache_policy=policy, persist_result=True, result_serializer="json",
-                 cache_result_in_memory=False)(fn)
+                 cache_result_in_memory=False,
+                 task_run_name=lambda: run_name(name, prefect.runtime.task_run.parameters))(fn)
         t.code_version = version
         return t
     return wrap

@@ -27,6 +27,19 @@ def statuses(summary, stage=None):
 def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
     first = run(project)
     assert all(s == "computed" for _, _, s in statuses(first))
+    # Prefect's runs are named after what they do: the flow run after the stream, stage runs after their task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+
+    from flows.stream import stream_title
+
+    with get_client(sync_client=True) as client:  # the newest runs: this test's
+        flow_runs = {r.name for r in client.read_flow_runs(limit=20, sort=FlowRunSort.START_TIME_DESC)}
+        stage_runs = {r.name for r in client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)}
+    assert stream_title(load_config(project / "params.yaml")) in flow_runs
+    first_task = build_stream("dataset-incremental", 3, 0)[0].name
+    assert {"base", "init task 1", f"train {first_task}", "store task 1", f"deploy {first_task}",
+            f"eval {first_task}"} <= stage_runs
     assert len(first["stages"]) == 3 * len(STAGES)
     again = run(project)
     assert all(s == "cached" for _, _, s in statuses(again))
