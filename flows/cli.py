@@ -24,15 +24,14 @@ import sys
 import threading
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # our own progress lines say what happens
-
-from chronomerge import cli as core_cli  # noqa: E402
-from chronomerge.config import ConfigError, TrainSection, load_config, validate  # noqa: E402
-from chronomerge.lineage import lineage_lines  # noqa: E402
-from chronomerge.report import scores_line  # noqa: E402
-from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
-from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes  # noqa: E402
-from flows.prefect_server import booting, server_for_schedules, stop_all  # noqa: E402
+import tasks  # noqa: F401  (Prefect's environment defaults, set before anything imports Prefect)
+from chronomerge import cli as core_cli
+from chronomerge.config import ConfigError, TrainSection, load_config, validate
+from chronomerge.lineage import lineage_lines
+from chronomerge.report import scores_line
+from chronomerge.statedict import CorruptCheckpointError
+from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes
+from flows.prefect_server import booting, server_for_schedules, stop_all
 
 # Errors that are failures of a run (exit 1), though they are ValueErrors like a user's bad input (exit 2).
 FAILURES = (NonFiniteError, CorruptCheckpointError)
@@ -150,8 +149,8 @@ def cmd_status(args) -> int:
         else:
             print(f"base: not pretrained yet; the run pretrains it first ({cfg.pretrain.steps} steps)")
         pending = "the base, then task 1"
-    tasks = build_tasks(cfg.stream.model_dump(mode="json"))
-    for task in ([] if cfg.stream.multitask else tasks[shown:]):
+    stream = build_tasks(cfg.stream.model_dump(mode="json"))
+    for task in ([] if cfg.stream.multitask else stream[shown:]):
         print(f"  {task.index + 1:>3} {task.name:34s} to run")
     total = 1 if cfg.stream.multitask else cfg.stream.length
     print(f"{done}/{total} tasks complete" + (f"; next: {pending}" if pending else ""))

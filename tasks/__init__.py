@@ -15,5 +15,8 @@ for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Flow and task logs reach the Prefect API (the UI shows them); the command line keeps the console
+    # quiet (flows/cli.py sets the console handler's level) and prints its own progress lines.
+    "PREFECT_LOGGING_LEVEL": "INFO",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -40,6 +40,17 @@ def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
     first_task = build_stream("dataset-incremental", 3, 0)[0].name
     assert {"base", "init task 1", f"train {first_task}", "store task 1", f"deploy {first_task}",
             f"eval {first_task}"} <= stage_runs
+    # ... its logs reach the Prefect API (the UI), and the stream's outcome is an artifact of its flow run
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    title = stream_title(load_config(project / "params.yaml"))
+    with get_client(sync_client=True) as client:
+        run_id = next(r.id for r in client.read_flow_runs(limit=20, sort=FlowRunSort.START_TIME_DESC)
+                      if r.name == title)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = [a for a in client.read_artifacts(limit=200) if a.key == f"stream-{first['stream_key'][:16]}"]
+    assert any("Finished in state" in entry.message for entry in logs)
+    assert any(first["deployed"] in a.data and "| GM |" in a.data for a in artifacts)
     assert len(first["stages"]) == 3 * len(STAGES)
     again = run(project)
     assert all(s == "cached" for _, _, s in statuses(again))
