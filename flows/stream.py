@@ -52,8 +52,9 @@ def stream_title(cfg: Config) -> str:
     """What a stream is, in words: its tasks and its strategy (the report's title, the MLflow run's name)."""
     d = cfg.strategy.deploy
     deploy = f"continual/{d.merger}" if d.mode == "continual" else f"{d.mode}/{d.technique}"
-    return (f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}: "
-            f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, deploy {deploy}")
+    # the strategy first: it is what tells runs of one project apart (the MLflow UI cuts long names)
+    return (f"init {cfg.strategy.init.mode}/{cfg.strategy.init.technique}, deploy {deploy} · "
+            f"{cfg.stream.kind} × {cfg.stream.length}{' (multitask)' if cfg.stream.multitask else ''}")
 
 
 def workspace(cfg: Config, project: Path, progress: bool = False) -> Workspace:
