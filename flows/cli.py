@@ -71,7 +71,14 @@ def cmd_resume(args) -> int:
 
     if not LAST_RUN.exists():
         raise ConfigError(f"nothing to resume: no run was started in this directory ({LAST_RUN} is missing)")
-    return cmd_run(args, validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN)))
+    return cmd_run(args, _last_run())
+
+
+def _last_run():
+    """The validated settings of the last run started in this directory (`resume`, `status`)."""
+    from flows.stream import LAST_RUN
+
+    return validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN))
 
 
 def peek_stage(stage_task, ws, /, **inputs):
@@ -98,11 +105,10 @@ def cmd_status(args) -> int:
     from chronomerge.checkpoints import read_checkpoint
     from chronomerge.data import catalog
     from chronomerge.stages import build_tasks
-    from chronomerge.store import CheckpointStore
     from flows.stream import LAST_RUN, STAGES, check, stream_key, stream_title, walk, workspace
 
     if not args.set and not args.params_given and LAST_RUN.exists():
-        cfg = validate(json.loads(LAST_RUN.read_text()), str(LAST_RUN))
+        cfg = _last_run()
         arch, sets = check(cfg)
         source = f"the last run's ({LAST_RUN}; --set or --params for others)"
     else:
@@ -138,7 +144,7 @@ def cmd_status(args) -> int:
             pending = f"task {task.index + 1}, stage {next(s for s in STAGES if s not in status)}"
             break
     if shown == 0:  # the base stage has no record: say what the run's base stage will do
-        store = CheckpointStore(cfg.paths.store)
+        store = ws.checkpoints
         pool = known.get(catalog.PRETRAIN.name)
         ref = None if cfg.model.pretrained or pool is None else base_ref(
             base_recipe(arch["name"], cfg.data.seed, pool, TrainSection(**cfg.pretrain.model_dump())))

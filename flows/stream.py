@@ -157,11 +157,11 @@ def _summary_artifact(cfg: Config, key: str, summary: dict) -> None:
     """The stream's outcome on its Prefect flow run (the UI's Artifacts tab): final metrics, deployed id."""
     from prefect.artifacts import create_markdown_artifact
 
-    f = summary["final"]
+    f, title = summary["final"], stream_title(cfg)
     rows = "\n".join(f"| {k} | {'–' if f[k] is None else f'{100 * f[k]:.2f}'} |" for k in METRICS)
     create_markdown_artifact(
-        key=f"stream-{key[:16]}", description=stream_title(cfg),
-        markdown=f"# {stream_title(cfg)}\n\n| metric | % |\n|---|---|\n{rows}\n\n"
+        key=f"stream-{key[:16]}", description=title,
+        markdown=f"# {title}\n\n| metric | % |\n|---|---|\n{rows}\n\n"
                  f"deployed: `{summary['deployed']}`  \nMLflow run: `{summary['run_id']}`  \n"
                  f"{sum(s['status'] == 'cached' for s in summary['stages'])}/{len(summary['stages'])} stages cached, "
                  f"{summary['wall_seconds']:.1f} s")

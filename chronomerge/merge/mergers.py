@@ -6,24 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-from chronomerge.merge.continual import (
-    EMA,
-    ContinualAverage,
-    ContinualMerger,
-    ContinualTaskArithmetic,
-    ContinualTIES,
-    FisherMerge,
-)
+from chronomerge.merge import continual as c
 from chronomerge.merge.opcm import OPCM
 from chronomerge.statedict import StateDictLike
 from chronomerge.store import CheckpointStore
 
-CONTINUAL: dict[str, type[ContinualMerger]] = {
-    cls.name: cls for cls in (EMA, OPCM, ContinualTaskArithmetic, ContinualTIES, ContinualAverage, FisherMerge)
+CONTINUAL: dict[str, type[c.ContinualMerger]] = {
+    cls.name: cls for cls in (c.EMA, OPCM, c.ContinualTaskArithmetic, c.ContinualTIES, c.ContinualAverage,
+                              c.FisherMerge)
 }
 
 
-def save_merger(store: CheckpointStore, merger: ContinualMerger, parents: Sequence[str] = ()) -> str:
+def save_merger(store: CheckpointStore, merger: c.ContinualMerger, parents: Sequence[str] = ()) -> str:
     """Store a merger's state as a `merger-state` object; returns its id."""
     tensors, config = merger.state()
     return store.put(tensors, kind="merger-state", parents=parents, technique=merger.name,
@@ -31,7 +25,7 @@ def save_merger(store: CheckpointStore, merger: ContinualMerger, parents: Sequen
 
 
 def load_merger(store: CheckpointStore, oid: str, base: StateDictLike,
-                device: str | torch.device | None = None) -> ContinualMerger:
+                device: str | torch.device | None = None) -> c.ContinualMerger:
     """Rebuild the merger stored as `oid` over `base`, exactly as it was saved."""
     config = store.meta(oid)["extra"]["merger_config"]
     if config.get("merger") not in CONTINUAL:
