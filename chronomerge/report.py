@@ -30,10 +30,10 @@ def matrix(history: Mapping[str, Any]) -> np.ndarray:
     return r
 
 
-def final_metrics(history: Mapping[str, Any]) -> dict[str, Any]:
+def final_metrics(history: Mapping[str, Any]) -> dict[str, float]:
+    """The last step's scores (fractions), numbers only, as `dvc metrics` reads them (an absent one is left out)."""
     last = history["steps"][-1]
-    return {"deployed": last["checkpoints"]["deployed"], "tasks": len(history["steps"]),
-            **{k: None if last[k] is None else round(last[k], 6) for k in METRICS}}
+    return {k: round(last[k], 6) for k in METRICS if last[k] is not None}
 
 
 def write_results(history: Mapping[str, Any], outputs: str | Path, metrics_path: str | Path) -> list[Path]:
@@ -183,12 +183,12 @@ def _save(fig, path: Path) -> None:
 
 
 def markdown(history: Mapping[str, Any]) -> str:
-    f = final_metrics(history)
+    steps = history["steps"]
     lines = [f"# {history.get('title', 'stream')}", "",
-             f"Deployed after task {f['tasks']}: `{f['deployed']}`", "",
+             f"Deployed after task {len(steps)}: `{steps[-1]['checkpoints']['deployed']}`", "",
              "| t | task | A_KA | A_ZS | GM | ACC | BWT | train s | eval s |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in history["steps"]:
+    for s in steps:
         sec = s["seconds"]
         lines.append(f"| {s['t']} | {s['task']} | " + " | ".join(pct(s[k]) for k in METRICS)
                      + f" | {sec.get('train', 0):.1f} | {sec.get('eval', 0):.1f} |")

@@ -326,9 +326,9 @@ def cmd_sweep(args) -> int:
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     raw = apply_overrides(raw or {}, args.set)
     with booting():
-        n = len(points(raw, sweep))  # every point validated before anything runs
-        print(f"sweep {sweep['name']}: {n} runs, {args.workers} at a time")
-    summary = sweep_flow(raw, sweep, project=".", workers=args.workers)
+        runs = points(raw, sweep)  # every point validated before anything runs
+        print(f"sweep {sweep['name']}: {len(runs)} runs, {args.workers} at a time")
+    summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs)
     folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
     print((folder / "summary.md").read_text())
     print(f"wrote {folder}/summary.md, summary.csv, plots/; {summary['wall_seconds']:.0f} s")

@@ -34,7 +34,7 @@ from tasks.evaluate import evaluate
 from tasks.init import init
 from tasks.prepare import base, prepare
 from tasks.store import store
-from tasks.tracking import Tracker, git_commit
+from tasks.tracking import Tracker, git_commit, id_list_tags, run_link
 from tasks.train import train
 
 STAGES = ("init", "train", "store", "deploy", "eval")
@@ -227,13 +227,17 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
                commit: str, echo: Callable[[str], None], arch: dict, sets: dict) -> dict:
     steps, stages, rows = [], [], []
     compute = 0.0
+    c = cfg.to_dict()
     length = 1 if cfg.stream.multitask else cfg.stream.length
     walker = walk(cfg, ws, digests, arch, sets)
     _, base_out, base_status = next(walker)
     theta0 = base_out["base"]
     if base_status == "computed":
         compute += base_out["seconds"]
+    produced_by: dict[str, tuple[str, str]] = {}  # checkpoint id -> (MLflow task run, its name)
+    started = time.time()
     for t, (task, outs, status) in enumerate(walker, 1):
+        span, started = (started, time.time()), time.time()
         seconds = {name: outs[name]["seconds"] for name in STAGES}
         compute += sum(seconds[n] for n in STAGES if status[n] == "computed")
         stages += [{"t": t, "stage": n, "status": status[n]} for n in STAGES]
@@ -246,7 +250,13 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
                 "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda")}
         steps.append(step)
-        _log_task(tracker, ws, step, theta0, commit, {n: digests[n] for n in task.datasets})
+        params = {"task": task.name, "t": t, "datasets": ",".join(task.datasets), "init": c["strategy"]["init"],
+                  "deploy": c["strategy"]["deploy"], "train": c["train"]}
+        rid = _log_task(tracker, ws, step, span, params, theta0, commit, {n: digests[n] for n in task.datasets},
+                        produced_by)
+        for k in ("expert", "deployed"):
+            produced_by.setdefault(ids[k], (rid, task.name))
+        started = time.time()
         echo(f"[{t:>3}/{length}] {task.name:34s} " + " ".join(
             f"{s}:{'·' if status[s] == 'cached' else f'{seconds[s]:.1f}s'}" for s in STAGES)
             + "  " + scores_line(step, SUMMARY))
@@ -260,15 +270,16 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
             "final": {k: steps[-1][k] for k in METRICS}}
 
 
-def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: str, datasets: dict) -> None:
+def _log_task(tracker: Tracker, ws: Workspace, step: dict, span: tuple[float, float], params: dict, theta0: str,
+              commit: str, datasets: dict, produced_by: dict[str, tuple[str, str]]) -> str | None:
     store_ = ws.checkpoints
     ids = step["checkpoints"]
+    made_of = experts_in(store_, ids["deployed"])
     tags = {f"lineage.{k}": v for k, v in ids.items()}
-    tags.update({f"lineage.{k}.parents": ",".join(store_.meta(ids[k])["parents"])
-                 for k in ("init", "expert", "deployed")})
-    # What the deployed model is made of, by 16-hex prefixes (≈17 characters per expert, so a
-    # 100-task stream fits an MLflow tag): `chronomerge lineage --at` answers from MLflow alone.
-    tags["lineage.made_of"] = ",".join(e[:16] for e in experts_in(store_, ids["deployed"]))
+    for k in ("init", "expert", "deployed"):
+        tags.update(id_list_tags(f"lineage.{k}.parents", store_.meta(ids[k])["parents"]))
+    # What the deployed model is made of: `chronomerge lineage --at` answers from MLflow alone.
+    tags.update(id_list_tags("lineage.made_of", made_of))
     source = store_.meta(ids["expert"])["extra"]
     if "source" in source:  # an expert trained elsewhere: where it came from
         tags.update({f"lineage.expert.{k}": str(source[k]) for k in ("source", "source_digest", "format")})
@@ -282,4 +293,22 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, theta0: str, commit: 
     parent = {k: step[k] for k in METRICS if step[k] is not None}
     parent.update({k: v for k, v in metrics.items() if k.startswith("opcm/")})
     parent.update({f"time/{s}": v for s, v in step["seconds"].items()})
-    tracker.log_task(step["t"], step["task"], metrics, parent, tags, datasets, ws.data)
+    note = _lineage_note(tracker, ids, made_of, produced_by, step["status"])
+    return tracker.log_task(step["t"], step["task"], span, params, metrics, parent, tags, datasets, ws.data, note)
+
+
+def _lineage_note(tracker: Tracker, ids: dict, made_of: list[str], produced_by: dict, status: dict) -> str:
+    """The task run's description: its checkpoints, each linked to the run of this stream that made it."""
+    if not tracker.enabled:
+        return ""
+
+    def ref(oid: str) -> str:
+        got = produced_by.get(oid)
+        return f"`{oid[:16]}`" + (f" ([{got[1]}]({run_link(tracker.experiment_id, got[0])}))" if got else "")
+
+    lines = ["**Lineage** (full ids in the `lineage.*` tags; `chronomerge lineage <id>` accepts a prefix)", "",
+             f"- init: {ref(ids['init'])}",
+             f"- expert: `{ids['expert'][:16]}` ({status['train']} in this run)",
+             f"- deployed: `{ids['deployed'][:16]}`, made of {len(made_of)} expert(s):"]
+    lines += [f"  - {ref(e)}" for e in made_of]
+    return "\n".join(lines)

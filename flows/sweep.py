@@ -80,10 +80,12 @@ def _slug(name: str) -> str:
 
 
 @flow(name="chronomerge-sweep", validate_parameters=False)
-def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True) -> dict:
-    """Run every point of `sweep` over the raw params `raw`; returns the comparison summary."""
+def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True,
+               runs: list[tuple[dict, Config]] | None = None) -> dict:
+    """Run every point of `sweep` over the raw params `raw`; returns the comparison summary.
+    `runs` are the sweep's `points`, when the caller has validated them already."""
     t0 = time.perf_counter()
-    runs = points(raw, sweep)
+    runs = points(raw, sweep) if runs is None else runs
     first = runs[0][1]  # every point is validated before any runs
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}

@@ -3,9 +3,15 @@
 * Parent run: params = the whole validated config (flattened), tags = stream key, config digest,
   git commit, pid and host; metrics per step t (A_KA, A_ZS, GM, ACC, BWT, stage timings);
   artifacts = metrics JSON, history, plots, report. Every dataset is logged as an input with its digest.
-* Task run t: metrics (A_KA, A_ZS, GM, per-dataset scores, timings, final train loss), the task's
-  data as an input, and lineage tags: init, expert, Fisher and deployed checkpoint ids, their
-  parents, the task's data digest, the git commit; `stage.<name>` = computed | cached.
+* Task run t, named after its task, from the task's first stage to its last (a cached task takes
+  milliseconds): params = what the task ran (task, datasets, init and deploy spec, training recipe);
+  metrics (A_KA, A_ZS, GM, per-dataset scores, timings, final train loss); the task's data as an
+  input; lineage tags: init, expert, Fisher and deployed checkpoint ids, their parents, the task's
+  data digest, the git commit; `stage.<name>` = computed | cached; and a description (the UI's
+  "Description" box) linking the runs that produced its init and the experts it is made of.
+* Scores are fractions (0-1) in every metric, as in every file chronomerge writes.
+* Every checkpoint id in a tag is the full 64-hex id (MLflow's search finds what the terminal
+  prints); a list of ids longer than one tag holds continues in `<key>.2`, `<key>.3`, ….
 * A parent run of the same stream left RUNNING by a process that no longer exists (SIGKILL) is
   marked KILLED, with its task runs, when the stream starts again.
 Runs are addressed by id through `MlflowClient`, never through the thread-local active run.
@@ -14,7 +20,7 @@ Runs are addressed by id through `MlflowClient`, never through the thread-local 
 * `deployed_at`: the model version promoted last at or before a time (the registered model's
   versions are created at promotion, `flows/update.py`).
 * `made_of`: which experts, trained on which data, a deployed checkpoint is made of: the task run
-  that deployed it carries `lineage.made_of` (16-hex prefixes of the experts), and each expert's
+  that deployed it carries `lineage.made_of` (the experts' ids), and each expert's
   task run carries its task, data digest and dataset inputs.
 * `diff`: what changed between two runs in config (params), data (dataset inputs, lineage data
   digests) and metrics.
@@ -24,7 +30,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,27 @@ from chronomerge.config import dotted
 from chronomerge.store import pid_alive
 
 STREAM_TAG = "chronomerge.stream_key"
+_IDS_PER_TAG = 8000 // 65  # 64-hex ids and a comma in MLflow's 8,000-character tag value
+
+
+def id_list_tags(key: str, ids: list[str]) -> dict[str, str]:
+    """`{key: "id,id,…", key.2: …}`: a list of full ids over as many tags as it needs."""
+    chunks = [ids[i:i + _IDS_PER_TAG] for i in range(0, len(ids), _IDS_PER_TAG)] or [[]]
+    return {key if i == 0 else f"{key}.{i + 1}": ",".join(c) for i, c in enumerate(chunks)}
+
+
+def read_id_list(tags: Mapping[str, str], key: str) -> list[str]:
+    """The ids `id_list_tags` wrote under `key`."""
+    out, i = [], 1
+    while (value := tags.get(key if i == 1 else f"{key}.{i}")) is not None:
+        out += filter(None, value.split(","))
+        i += 1
+    return out
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's address of a run, relative to the UI's root (a link in a run's description)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def git_commit(root: str | os.PathLike = ".") -> str:
@@ -118,20 +144,25 @@ class Tracker:
         )
         return DatasetInput(ds._to_mlflow_entity(), [InputTag("sha256", digest)])
 
-    def log_task(self, t: int, name: str, metrics: Mapping[str, float], parent_metrics: Mapping[str, float],
-                 tags: Mapping[str, str], datasets: Mapping[str, str], data_root: str) -> str | None:
-        """One nested run for task t (created and closed here), and step-t metrics on the parent."""
+    def log_task(self, t: int, name: str, span: tuple[float, float], params: Mapping[str, Any],
+                 metrics: Mapping[str, float], parent_metrics: Mapping[str, float], tags: Mapping[str, str],
+                 datasets: Mapping[str, str], data_root: str, note: str = "") -> str | None:
+        """One nested run for task t that ran over `span` (start, end; seconds since the epoch),
+        created and closed here, and step-t metrics on the parent."""
         if not self.enabled:
             return None
-        now = int(time.time() * 1000)
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.parent, "chronomerge.t": str(t), **tags})
-        rid = run.info.run_id
-        self.client.log_batch(rid, metrics=[Metric(k, float(v), now, t) for k, v in metrics.items()])
+        start, end = (int(s * 1000) for s in span)
+        tags = {"mlflow.parentRunId": self.parent, "chronomerge.t": str(t), **tags}
+        if note:
+            tags["mlflow.note.content"] = note
+        rid = self.client.create_run(self.experiment_id, start_time=start, run_name=name, tags=tags).info.run_id
+        for chunk in _chunks([Param(k, str(v)[:6000]) for k, v in dotted(params).items()], 100):
+            self.client.log_batch(rid, params=chunk)
+        self.client.log_batch(rid, metrics=[Metric(k, float(v), end, t) for k, v in metrics.items()])
         if datasets:
             self.client.log_inputs(rid, [self._dataset(n, d, data_root) for n, d in sorted(datasets.items())])
-        self.client.set_terminated(rid, "FINISHED")
-        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, t) for k, v in parent_metrics.items()])
+        self.client.set_terminated(rid, "FINISHED", end_time=end)
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), end, t) for k, v in parent_metrics.items()])
         return rid
 
     def finish(self, status: str, artifacts: list[Path] = (), tags: Mapping[str, str] | None = None) -> None:
@@ -210,10 +241,10 @@ class Audit:
             raise ValueError(f"no MLflow task run deployed {deployed} in experiment {self.experiment!r}")
         run = runs[0]
         experts = []
-        for prefix in filter(None, run.data.tags.get("lineage.made_of", "").split(",")):
-            producers = _task_runs(self.client, exp, "lineage.expert", prefix, like=True)
+        for oid in read_id_list(run.data.tags, "lineage.made_of"):
+            producers = _task_runs(self.client, exp, "lineage.expert", oid)
             if not producers:
-                experts.append({"expert": prefix, "t": None, "task": "(no MLflow run found)", "data": None,
+                experts.append({"expert": oid, "t": None, "task": "(no MLflow run found)", "data": None,
                                 "datasets": [], "run_id": None})
                 continue
             p = producers[-1]  # the first run that trained it
@@ -242,10 +273,8 @@ class Audit:
                 "metrics": _changes(a.data.metrics, b.data.metrics), "lineage": _changes(lineage(a), lineage(b))}
 
 
-def _task_runs(client: MlflowClient, experiment_id: str, tag: str, value: str, like: bool = False) -> list[Run]:
-    op = "LIKE" if like else "="
-    runs = client.search_runs([experiment_id], f"tags.`{tag}` {op} '{value}{'%' if like else ''}'",
-                              order_by=["attributes.start_time DESC"])
+def _task_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[Run]:
+    runs = client.search_runs([experiment_id], f"tags.`{tag}` = '{value}'", order_by=["attributes.start_time DESC"])
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 

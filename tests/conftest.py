@@ -43,8 +43,9 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
-def seeded_project(tmp_path_factory):
-    """Tiny datasets and a pretrained tiny base, made once; projects copy them."""
+def seeded_project(tmp_path_factory, prefect_api):
+    """Tiny datasets and a pretrained tiny base, made once (against the session's Prefect server); projects
+    copy them."""
     from chronomerge.config import validate
     from chronomerge.stages import Workspace, run_base
     from flows.stream import check, prepare_inputs

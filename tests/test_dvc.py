@@ -27,7 +27,7 @@ def test_dvc_repro_reruns_only_changed_stages(tmp_path, seeded_project, prefect_
     proj.mkdir()
     for d in ("chronomerge", "tasks", "flows"):
         shutil.copytree(REPO / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", ".dvcignore"):
+    for f in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / f, proj / f)
     shutil.copytree(seeded_project / "store", proj / "store")  # the tiny base, already pretrained
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -47,6 +47,12 @@ def test_dvc_repro_reruns_only_changed_stages(tmp_path, seeded_project, prefect_
     assert ran(sh(proj, env, "dvc", "repro")) == ["prepare", "pretrain", "stream", "report"]
     first = json.loads((proj / "outputs" / "metrics.json").read_text())
     assert ran(sh(proj, env, "dvc", "repro")) == []
+    # what a DVC user commits after a run: dvc.lock, the metrics and the curves (data and store stay out of git)
+    sh(proj, env, "git", "add", "-A")
+    sh(proj, env, "git", "commit", "-qm", "default run")
+    tracked = sh(proj, env, "git", "ls-files").split()
+    assert {"dvc.lock", "outputs/metrics.json", "outputs/curves.csv"} <= set(tracked)
+    assert not any(f.startswith(("store/", "data/")) for f in tracked)
 
     params["strategy"]["deploy"]["mode"] = "all"
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -55,9 +61,26 @@ def test_dvc_repro_reruns_only_changed_stages(tmp_path, seeded_project, prefect_
     for step in history["steps"]:  # inside the stream, only deploy and eval ran again
         assert step["status"] == {"init": "cached", "train": "cached", "store": "cached",
                                   "deploy": "computed", "eval": "computed"}
-    assert json.loads((proj / "outputs" / "metrics.json").read_text())["deployed"] != first["deployed"]
+    second = json.loads((proj / "outputs" / "metrics.json").read_text())
+    assert second != first
 
-    shown = sh(proj, env, "dvc", "metrics", "show", "--json")
-    assert "GM" in shown and "A_KA" in shown
-    sh(proj, env, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    # dvc metrics diff / plots diff read the committed revision against the workspace
+    diff = json.loads(sh(proj, env, "dvc", "metrics", "diff", "--json"))["outputs/metrics.json"]
+    assert {k: (v["old"], v["new"]) for k, v in diff.items()} == {
+        k: (first[k], second[k]) for k in first if first[k] != second[k]}
+    sh(proj, env, "dvc", "plots", "diff", "HEAD", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").stat().st_size > 0
+    shown = json.loads(sh(proj, env, "dvc", "plots", "show", "--json"))["data"]  # each plot once
+    assert sorted(shown) == sorted(["A_KA, A_ZS and GM over tasks", "ACC and BWT over tasks",
+                                    "outputs/plots/accuracy_matrix.png", "outputs/plots/metrics.png"])
+
+    # an experiment: dvc exp run changes a param, reruns what it touches, and exp show lists its metrics
+    sh(proj, env, "git", "checkout", "-q", "--", ".")
+    ran_exp = sh(proj, env, "dvc", "exp", "run", "--name", "ft", "--set-param", "strategy.deploy.mode=ft")
+    assert ran(ran_exp) == ["stream", "report"]
+    rows = json.loads(sh(proj, env, "dvc", "exp", "show", "--json"))
+    exps = [e for row in rows for e in row.get("experiments") or []]
+    got = {e["name"]: e["revs"][0]["data"]["metrics"]["outputs/metrics.json"]["data"] for e in exps}
+    assert set(got) == {"ft"} and set(got["ft"]) == set(first) and got["ft"] != first
+    baseline = next(row for row in rows if row.get("experiments"))  # the commit the experiment branched from
+    assert baseline["data"]["metrics"]["outputs/metrics.json"]["data"] == first
