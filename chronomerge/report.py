@@ -199,8 +199,8 @@ def markdown(history: Mapping[str, Any]) -> str:
 
 
 def scores_line(d: Mapping[str, Any], keys: Sequence[str] = METRICS, digits: int = 1) -> str:
-    """`A_KA 25.7  A_ZS –  …`: scores in %, '–' where absent."""
-    return "  ".join(f"{k} {pct(d.get(k), digits)}" for k in keys)
+    """`A_KA 25.7%  A_ZS –  …`: scores in percent, '–' where absent."""
+    return "  ".join(f"{k} {pct(d.get(k), digits)}{'' if d.get(k) is None else '%'}" for k in keys)
 
 
 def pct(x: float | None, digits: int = 1) -> str:

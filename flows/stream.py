@@ -298,17 +298,18 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, span: tuple[float, fl
 
 
 def _lineage_note(tracker: Tracker, ids: dict, made_of: list[str], produced_by: dict, status: dict) -> str:
-    """The task run's description: its checkpoints, each linked to the run of this stream that made it."""
+    """The task run's description: what its deployed model is made of, each expert linked to the run of
+    this stream that trained it (the UI shows the first lines folded, so they come first)."""
     if not tracker.enabled:
         return ""
 
     def ref(oid: str) -> str:
         got = produced_by.get(oid)
-        return f"`{oid[:16]}`" + (f" ([{got[1]}]({run_link(tracker.experiment_id, got[0])}))" if got else "")
+        if got is None:
+            return f"`{oid[:16]}` (this run)" if oid == ids["expert"] else f"`{oid[:16]}`"
+        return f"[{got[1]}]({run_link(tracker.experiment_id, got[0])}) `{oid[:16]}`"
 
-    lines = ["**Lineage** (full ids in the `lineage.*` tags; `chronomerge lineage <id>` accepts a prefix)", "",
-             f"- init: {ref(ids['init'])}",
-             f"- expert: `{ids['expert'][:16]}` ({status['train']} in this run)",
-             f"- deployed: `{ids['deployed'][:16]}`, made of {len(made_of)} expert(s):"]
-    lines += [f"  - {ref(e)}" for e in made_of]
-    return "\n".join(lines)
+    return "\n".join([
+        f"**Deployed `{ids['deployed'][:16]}`, made of {len(made_of)} expert(s):** " + ", ".join(map(ref, made_of)),
+        "", f"init {ref(ids['init'])} · expert `{ids['expert'][:16]}` ({status['train']}) · "
+            "full ids in the `lineage.*` tags; `chronomerge lineage <id>` takes any unique prefix"])

@@ -65,7 +65,7 @@ def read_id_list(tags: Mapping[str, str], key: str) -> list[str]:
 
 def run_link(experiment_id: str, run_id: str) -> str:
     """The MLflow UI's address of a run, relative to the UI's root (a link in a run's description)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def git_commit(root: str | os.PathLike = ".") -> str:
