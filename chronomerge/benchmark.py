@@ -41,8 +41,8 @@ def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int 
     digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
     recipe = base_recipe(name, seed, digests[catalog.PRETRAIN.name], cfg)
     ref = base_ref(recipe)
-    if (oid := store.ref(ref)) is not None:
-        return oid
+    if (oid := store.ref(ref)) is not None and store.intact(oid):
+        return oid  # a corrupt base is pretrained again (same recipe, same id) and replaced
     model = create_model(arch, seed=seed)
     result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
                       cfg.model_copy(update={"seed": seed}), tokenizer=get_tokenizer(arch), device=device,

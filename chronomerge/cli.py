@@ -61,6 +61,8 @@ def cmd_techniques(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if not args.store.is_dir():
+        raise ValueError(f"verify: {args.store} is not a checkpoint store folder")
     store = CheckpointStore(args.store)
     bad = 0
     for oid in [store.resolve(i) for i in args.ids] or store.ids():
@@ -70,6 +72,10 @@ def cmd_verify(args) -> int:
         except CorruptCheckpointError as e:
             bad += 1
             print(f"CORRUPT {oid}: {e}")
+            if args.repair:
+                print(f"        moved to {store.quarantine(oid)}; the next run rebuilds it")
+    if bad and args.repair:
+        return 0
     return 1 if bad else 0
 
 
@@ -95,4 +101,7 @@ def add_core_commands(sub) -> None:
     v = sub.add_parser("verify", help=what, description=what)
     v.add_argument("store", type=Path, help="the store's folder (paths.store, e.g. store)")
     v.add_argument("ids", nargs="*", help="only these checkpoint ids or unique prefixes (default: every object)")
+    v.add_argument("--repair", action="store_true",
+                   help="move corrupt objects to <store>/quarantine/ so that the next run rebuilds them "
+                        "(exit 0 once every corrupt object is out of the store)")
     v.set_defaults(fn=cmd_verify)

@@ -14,6 +14,9 @@ code version, free-form extras), the SHA-256 digest of every tensor, and the wal
   are removed when a store is opened.
 * Reads check the header, the file length, the id and each tensor's digest, and raise
   `CorruptCheckpointError` naming the file. Nothing is ever unpickled.
+* Repair: `put` of content whose object exists but fails verification rewrites it (atomically);
+  `intact` is what a cached stage checks before it trusts an object (once per object and store
+  instance); `quarantine` moves a bad object to `<root>/quarantine/` so that the next run rebuilds it.
 """
 from __future__ import annotations
 
@@ -133,6 +136,7 @@ class CheckpointStore:
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict] = {}
+        self._intact: set[str] = set()  # verified in full by this instance
         self.remove_stale_temp_files()
 
     # -- paths and listing -------------------------------------------------------------------
@@ -215,8 +219,9 @@ class CheckpointStore:
             table[name] = [DTYPE_NAMES[t.dtype], list(t.shape), digest, held_by]
         oid = object_id(identity, {k: v[:3] for k, v in table.items()})
         final = self.path(oid)
-        if final.exists():
-            return oid
+        if final.exists() and self.intact(oid):
+            return oid  # a corrupt file of the same id is replaced below, atomically
+        self._records.pop(oid, None)
         record = {"format": _FORMAT, "id": oid, "identity": identity, "tensors": table, "time": time.time()}
         atomic_save(to_write, final, {_META_KEY: _canonical(record)})
         return oid
@@ -278,6 +283,31 @@ class CheckpointStore:
         lazy = self.get(oid)
         for k in lazy:
             lazy[k]
+        self._intact.add(oid)
+
+    def intact(self, oid: str) -> bool:
+        """Whether `oid` is in the store and passes `verify` (checked once per object by this instance)."""
+        if oid in self._intact:
+            return True
+        if oid not in self:
+            return False
+        try:
+            self.verify(oid)
+        except CorruptCheckpointError:
+            self._records.pop(oid, None)
+            return False
+        return True
+
+    def quarantine(self, oid: str) -> Path:
+        """Move object `oid` out of the store to `<root>/quarantine/` (kept for inspection); returns its new path.
+        Objects that hold tensors for it are left alone; the next run rebuilds what named it."""
+        dest = self.root / "quarantine" / self.path(oid).name
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(self.path(oid), dest)
+        _fsync_dir(self.objects)
+        self._records.pop(oid, None)
+        self._intact.discard(oid)
+        return dest
 
     # -- named references (e.g. a cached base model, a `latest` deployment) -------------------
     def set_ref(self, name: str, oid: str) -> None:
@@ -310,7 +340,9 @@ class CheckpointStore:
     def ref(self, name: str) -> str | None:
         """The object a name points at, or None when unset or pointing at a missing object."""
         path = self.root / "refs" / name
-        oid = path.read_text().strip() if path.exists() else None
+        oid = path.read_text(errors="replace").strip() if path.exists() else None
+        if oid and (len(oid) != 64 or any(c not in "0123456789abcdef" for c in oid)):
+            raise ValueError(f"{path}: not a checkpoint id (64 hex digits); delete the file to unset the ref")
         return oid if oid and oid in self else None
 
     def disk_bytes(self) -> int:

@@ -31,7 +31,7 @@ from chronomerge.lineage import lineage_lines
 from chronomerge.report import scores_line
 from chronomerge.statedict import CorruptCheckpointError
 from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes
-from flows.prefect_server import booting, server_for_schedules, stop_all
+from flows.prefect_server import booting, reap_orphans, server_for_schedules, stop_all
 
 # Errors that are failures of a run (exit 1), though they are ValueErrors like a user's bad input (exit 2).
 FAILURES = (NonFiniteError, CorruptCheckpointError)
@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args.params_given = getattr(args, "params", None) is not None
     if hasattr(args, "params") and args.params is None and Path("params.yaml").exists():
         args.params = "params.yaml"
+    reap_orphans()  # the Prefect servers of commands killed before they could stop them
     if args.debug:
         return args.fn(args)
     # Prefect's console logs (a failed task's traceback) stay off, the API still gets them; MLflow says

@@ -5,11 +5,16 @@ that scheduled runs need.
   background, imports torch and open_clip meanwhile, and waits for it before the flow starts.
 * `server_for_schedules()`: the temporary server refuses to schedule, so `chronomerge serve` starts
   `prefect server start` on loopback under PREFECT_HOME and points PREFECT_API_URL at it.
+* Orphans: a server outlives a command killed with SIGKILL (nothing in the command runs then). Each
+  server a command starts is recorded in PREFECT_HOME/servers/<pid>.json with the command's pid, and
+  every command (`flows/cli.main`) first reaps the recorded servers whose command is gone.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +24,51 @@ import urllib.request
 from pathlib import Path
 
 _STARTED: list[subprocess.Popen] = []  # long-running servers this process started
+
+
+def _registry() -> Path:
+    return Path(os.environ["PREFECT_HOME"]) / "servers"
+
+
+def _record(pid: int) -> None:
+    from chronomerge.store import atomic_write_bytes
+
+    _registry().mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_registry() / f"{pid}.json", json.dumps({"server": pid, "owner": os.getpid()}).encode())
+
+
+def _is_prefect_server(pid: int) -> bool:
+    """Whether `pid` runs a Prefect server (a recorded pid may since belong to another process)."""
+    try:
+        return b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def reap_orphans() -> list[int]:
+    """Stop the recorded Prefect servers whose command no longer runs; returns their pids."""
+    from chronomerge.store import pid_alive
+
+    reaped = []
+    for path in sorted(_registry().glob("*.json")) if _registry().is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+            server, owner = int(rec["server"]), int(rec["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            continue
+        if pid_alive(owner):
+            continue
+        if pid_alive(server) and _is_prefect_server(server):
+            os.kill(server, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while pid_alive(server) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid_alive(server):
+                os.kill(server, signal.SIGKILL)
+            reaped.append(server)
+        path.unlink(missing_ok=True)
+    return reaped
 
 
 @contextlib.contextmanager
@@ -31,11 +81,14 @@ def booting():
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         from prefect.server.api.server import SubprocessASGIServer
 
-        boot = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+        server = SubprocessASGIServer()
+        boot = threading.Thread(target=server.start, daemon=True)
         boot.start()
     yield
     if boot is not None:
         boot.join()
+        if server.server_process is not None:
+            _record(server.server_process.pid)
 
 
 def server_for_schedules() -> subprocess.Popen | None:
@@ -65,6 +118,7 @@ def server_for_schedules() -> subprocess.Popen | None:
             time.sleep(0.5)
     os.environ["PREFECT_API_URL"] = url
     _STARTED.append(server)
+    _record(server.pid)
     return server
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import prefect.runtime
 from prefect import flow
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from chronomerge.config import Config, ConfigError
 from chronomerge.data.streams import multitask
@@ -29,6 +31,7 @@ from chronomerge.models import architecture
 from chronomerge.report import METRICS, SUMMARY, scores_line, task_vector_cosines, write_report, write_results
 from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest
 from chronomerge.store import CheckpointStore, atomic_write_bytes
+from tasks.cache import refuse_unsafe_records
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.init import init
@@ -89,21 +92,27 @@ def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) ->
                    [*sets["adaptation"], *sets["held_out"]], cfg.stream.expert_paths)
 
 
-def _missing(store: CheckpointStore, out: Mapping[str, Any]) -> bool:
-    ids = [out[k] for k in ID_FIELDS if k in out] + list(out.get("experts", [])) + list(out.get("fishers", []))
-    return any(i not in store for i in ids if i is not None)  # an imported expert has no Fisher
+def _untrusted(store: CheckpointStore, out: Any) -> bool:
+    """Whether a cached result is not a stage's output (a record of another shape) or names a checkpoint
+    that is missing or fails verification."""
+    try:
+        ids = [out[k] for k in ID_FIELDS if k in out] + list(out.get("experts", [])) + list(out.get("fishers", []))
+        return not all(store.intact(i) for i in ids if i is not None)  # an imported expert has no Fisher
+    except (TypeError, ValueError, AttributeError):  # not a dict, or an id that is not a checkpoint id
+        return True
 
 
 def run_stage(stage_task, ws: Workspace, /, **inputs) -> tuple[dict, str]:
     """Run a stage task on its named inputs; returns (output, 'computed' | 'cached').
 
-    A cached result that names a checkpoint missing from the store (a deleted or replaced store)
-    is recomputed rather than trusted.
+    A cached result that names a checkpoint missing from the store (a deleted or replaced store) or
+    failing verification (a corrupt file) is recomputed rather than trusted; the recomputation's
+    `put` replaces the corrupt object.
     """
     state = stage_task(ws, **inputs, return_state=True)
     out = state.result()
     cached = state.name == "Cached"
-    if cached and _missing(ws.checkpoints, out):
+    if cached and _untrusted(ws.checkpoints, out):
         state = stage_task.with_options(refresh_cache=True)(ws, **inputs, return_state=True)
         out, cached = state.result(), False
     return out, "cached" if cached else "computed"
@@ -121,6 +130,8 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     t_start = time.perf_counter()
     echo = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     arch, sets = check(cfg)  # before anything is written or started
+    for line in refuse_unsafe_records(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     root = Path(project)
     c = cfg.to_dict()
     key = stream_key(cfg)

@@ -20,3 +20,6 @@ for _key, _value in {
     "PREFECT_LOGGING_LEVEL": "INFO",
 }.items():
     os.environ.setdefault(_key, _value)
+# Every result record Prefect writes (a flow's too, a failure's exception too) is JSON: nothing this
+# project writes is a pickle, and `cache.refuse_unsafe_records` refuses any record that is.
+os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"

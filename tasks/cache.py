@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,34 @@ def code_version(fn: Callable, modules: tuple[str, ...]) -> str:
             h.update(f.relative_to(CORE).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def refuse_unsafe_records(folder: str | Path) -> list[str]:
+    """Move every result record in `folder` that names a serializer other than JSON (pickle runs code
+    when it loads) to `<folder>/../refused-records/` before any task can read it; returns one line per
+    refused record, naming the file and its serializer (its stage recomputes: a cache miss).
+
+    Only complete JSON records can name a serializer, so a record being written by a concurrent run is
+    never taken for one. Anything else that is not a valid JSON record (a truncated file, another
+    shape) Prefect reads through the tasks' JSON serializer, fails to parse, and treats as a miss."""
+    folder = Path(folder)
+    refused = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            kind = json.loads(path.read_bytes())["metadata"]["serializer"]["type"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if kind == "json":
+            continue
+        dest = folder.parent / "refused-records" / path.name
+        dest.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:  # another run of this project refused it first
+            continue
+        refused.append(f"refused Prefect result record {path} (serializer {kind!r}; only JSON is read): "
+                       f"moved to {dest}, its stage recomputes")
+    return refused
 
 
 def stage_key(name: str, version: str, parameters: dict) -> str:

@@ -1,0 +1,133 @@
+"""Reliability: what is detected is repaired, what arrives is validated, races are survived, nothing
+is unpickled. Each test reproduces a fault an audit found (the scenario is in its docstring)."""
+import json
+
+from chronomerge.config import load_config
+from chronomerge.store import CheckpointStore
+from flows.cli import main as core_main
+from flows.stream import stream_flow
+
+
+def run(project, *sets):
+    return stream_flow(load_config(project / "params.yaml", list(sets)), project=str(project), quiet=True)
+
+
+def flip_middle_byte(path):
+    """One byte flipped in the middle of the tensor data (past the safetensors header)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert len(data) > header, f"{path} holds no tensor bytes of its own"
+    data[(header + len(data)) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_object_is_replaced_when_the_same_content_is_put_again(tmp_path, tiny_base):
+    store = CheckpointStore(tmp_path)
+    oid = store.put(tiny_base, kind="base")
+    flip_middle_byte(store.path(oid))
+    store = CheckpointStore(tmp_path)
+    assert not store.intact(oid)
+    assert store.put(tiny_base, kind="base") == oid  # the same content: the corrupt file is rewritten
+    CheckpointStore(tmp_path).verify(oid)
+
+
+def test_a_rerun_over_corrupt_objects_rebuilds_them_and_verify_repair_quarantines(project, capsys):
+    """Audit: a flipped byte in the deployed object left `15/15 stages cached` and the object corrupt;
+    a corrupt expert failed every rerun until a person deleted it."""
+    first = run(project)
+    steps = json.loads((project / "outputs" / "history.json").read_text())["steps"]
+    store = CheckpointStore(project / "store")
+    flip_middle_byte(store.path(steps[1]["checkpoints"]["expert"]))  # task 2's expert
+    flip_middle_byte(store.path(first["deployed"]))  # task 3's deployed model
+    again = run(project)
+    assert again["deployed"] == first["deployed"]
+    computed = {(s["t"], s["stage"]) for s in again["stages"] if s["status"] == "computed"}
+    assert {(2, "train"), (3, "deploy")} <= computed and (1, "train") not in computed
+    assert core_main(["verify", "store"]) == 0  # every object intact: nothing reported success over one
+
+    flip_middle_byte(store.path(first["deployed"]))
+    assert core_main(["verify", "store"]) == 1
+    assert core_main(["verify", "store", "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"CORRUPT {first['deployed']}" in out and "quarantine" in out
+    assert (project / "store" / "quarantine" / f"{first['deployed']}.safetensors").exists()
+    assert first["deployed"] not in CheckpointStore(project / "store")
+    assert run(project)["deployed"] == first["deployed"]
+    assert core_main(["verify", "store"]) == 0
+
+
+class _Payload:
+    """What a planted pickle would run on load: it touches a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_planted_pickle_record_is_refused_never_loaded_and_failures_write_json(project, capsys):
+    """Audit: a record in .prefect/storage naming the pickle serializer was deserialized (its payload
+    executed) on the next run; failed runs wrote pickled exceptions there."""
+    import base64
+    import pickle
+
+    import pytest
+
+    from chronomerge.store import NonFiniteError
+
+    first = run(project)
+    storage = project / ".prefect" / "storage"
+    victim = next(storage.glob("train-*"))
+    record = json.loads(victim.read_text())
+    record["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle"}
+    record["result"] = base64.b64encode(pickle.dumps(_Payload(project / "pwned"))).decode()
+    victim.write_text(json.dumps(record))
+    again = run(project)
+    assert not (project / "pwned").exists(), "the planted pickle ran"
+    assert f"refused Prefect result record {victim} (serializer 'pickle'" in capsys.readouterr().err
+    assert again["deployed"] == first["deployed"]
+    assert sum(s["stage"] == "train" and s["status"] == "computed" for s in again["stages"]) == 1
+    assert json.loads(victim.read_text())["metadata"]["serializer"]["type"] == "json"  # rewritten as JSON
+
+    with pytest.raises(NonFiniteError):
+        run(project, "train.lr=1e30", "stream.length=1")
+    for path in storage.iterdir():  # the failure's exception too is JSON (before: a pickle)
+        content = json.loads(path.read_bytes())
+        assert "metadata" not in content or content["metadata"]["serializer"]["type"] == "json", path
+
+
+def test_a_killed_runs_temporary_prefect_server_is_reaped_by_the_next_command(project):
+    """Audit: 11 of 13 runs killed with SIGKILL left their temporary Prefect server running."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from chronomerge.store import pid_alive
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the command boots its own server
+    env.update({"PYTHONPATH": str(repo), "PREFECT_HOME": str(project / ".prefect")})
+    with open(project / "crash.log", "w") as log:  # not a pipe: the orphan would hold it open
+        crashed = subprocess.run([sys.executable, str(repo / "tests" / "crash_run.py"), "train", "2"],
+                                 cwd=project, env=env, stdout=log, stderr=log, timeout=600)
+    assert crashed.returncode == -9, (project / "crash.log").read_text()[-3000:]
+    records = list((project / ".prefect" / "servers").glob("*.json"))
+    assert len(records) == 1
+    orphan = json.loads(records[0].read_text())["server"]
+    assert pid_alive(orphan), "the killed command's server outlived it (what the next command must reap)"
+    try:
+        status = subprocess.run([sys.executable, "-m", "flows.cli", "status"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert status.returncode == 0, status.stderr[-3000:]
+        deadline = time.monotonic() + 10
+        while pid_alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not pid_alive(orphan)
+        assert not list((project / ".prefect" / "servers").glob("*.json"))
+    finally:
+        if pid_alive(orphan):
+            os.kill(orphan, 9)
