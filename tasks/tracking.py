@@ -27,6 +27,8 @@ Runs are addressed by id through `MlflowClient`, never through the thread-local 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -68,6 +70,24 @@ def run_link(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str):
+    """Hold an flock beside a SQLite tracking database while MLflow creates its schema and the
+    experiment: two runs starting at once in a fresh project would both create the tables (`table …
+    already exists`). Released if the process dies. Other tracking URIs need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".setup-lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def git_commit(root: str | os.PathLike = ".") -> str:
     """The project's git commit (with `+dirty` when tracked files changed), or 'unknown'."""
     try:
@@ -94,9 +114,10 @@ class Tracker:
         self.parent: str | None = None
         if not enabled:
             return
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        with _sqlite_setup_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
 
     # -- stream ------------------------------------------------------------------------------
     def mark_stale(self, stream_key: str) -> list[str]:

@@ -131,3 +131,23 @@ def test_a_killed_runs_temporary_prefect_server_is_reaped_by_the_next_command(pr
     finally:
         if pid_alive(orphan):
             os.kill(orphan, 9)
+
+
+def test_runs_starting_at_once_in_a_fresh_project_all_get_the_tracking_database(tmp_path):
+    """Audit: two runs started at once in a fresh directory lost one to a race creating MLflow's SQLite
+    schema (`table … already exists`, 2 of 2 trials). Three processes open it at the same instant."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    start = time.time() + 20  # after every process has imported MLflow
+    code = ("import sys, time; import tasks; from tasks.tracking import Tracker; "
+            "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); "
+            f"Tracker('sqlite:///{tmp_path}/mlflow.db', 'chronomerge')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], cwd=tmp_path, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(repo)}) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
