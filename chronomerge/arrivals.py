@@ -30,7 +30,7 @@ import yaml
 
 from chronomerge.checkpoints import is_checkpoint, read_checkpoint
 from chronomerge.data.adapters import MANIFEST_SUFFIXES, NAME, add_dataset, source_kind
-from chronomerge.data.generate import dataset_digest, load_split
+from chronomerge.data.generate import check_dataset, dataset_digest
 from chronomerge.store import atomic_write_bytes, tree_digest
 
 ARRIVALS = Path(".chronomerge") / "arrivals.json"
@@ -43,11 +43,6 @@ def read_arrivals(project: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _check(folder: Path) -> None:
-    for split in ("train", "test"):
-        s = load_split(folder.parent, folder.name, split)
-        if len(s.labels) == 0 or not s.classes:
-            raise ValueError(f"the {split} split is empty")
 
 
 def classify(entry: Path) -> tuple[str | None, str]:
@@ -96,11 +91,12 @@ def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict]
             continue
         try:
             if kind == "dataset":
-                _check(entry)
+                check_dataset(entry)
             elif kind == "expert":
                 read_checkpoint(entry)
         except Exception as e:  # noqa: BLE001 - any unreadable arrival is rejected with its reason
-            rejected.append({"name": name, "status": "rejected", "reason": f"unreadable: {type(e).__name__}: {e}"})
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            rejected.append({"name": name, "status": "rejected", "reason": f"unreadable or invalid: {why}"})
             continue
         target = Path(data_root) / (f"{EXPERTS}/{entry.name}" if kind == "expert" else name)
         if kind == "dataset" and target.exists() and dataset_digest(target) != digest:

@@ -134,7 +134,8 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, pro
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         picks = [(imgs, toks, labels, idx[step]) for (imgs, toks, labels, _), idx in zip(staged, indices)]
-        x = model_input(torch.cat([imgs[i] for imgs, _, _, i in picks]), pp)
+        # each source to the model's input first: the task's images and the replayed pool's may differ in size
+        x = torch.cat([model_input(imgs[i], pp) for imgs, _, _, i in picks])
         with autocast(dev, cfg.bf16):
             if cfg.mode == "clip":
                 loss = step_fn(fwd, x, torch.cat([toks[i] for _, toks, _, i in picks]))

@@ -151,3 +151,49 @@ def test_runs_starting_at_once_in_a_fresh_project_all_get_the_tracking_database(
                               text=True, env={**os.environ, "PYTHONPATH": str(repo)}) for _ in range(3)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-1500:] for e in errors)
+
+
+def test_arrivals_are_validated_before_registration_and_a_bad_one_blocks_no_other(project):
+    """Audit: float images with a NaN failed as "training or merging diverged"; a meta.json listing 2
+    classes with labels 0..5 trained and was promoted."""
+    import shutil
+    import time
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from chronomerge.arrivals import scan
+
+    source = next(p for p in sorted((project / "data").iterdir()) if (p / "meta.json").exists()
+                  and p.name != "pretrain-pool")
+    incoming = project / "incoming"
+
+    def arrival(name, change=None, meta=None):
+        folder = incoming / name
+        shutil.copytree(source, folder)
+        if change:
+            t = load_file(folder / "train.safetensors")
+            save_file(change(t), folder / "train.safetensors")
+        if meta:
+            m = json.loads((folder / "meta.json").read_text())
+            (folder / "meta.json").write_text(json.dumps(meta(m)))
+        time.sleep(0.02)  # arrival order follows modification times
+
+    def nan_floats(t):
+        x = t["images"].float()
+        x[0, 0, 0, 0] = float("nan")
+        return {**t, "images": x}
+
+    arrival("floats", nan_floats)
+    arrival("labels", meta=lambda m: {**m, "classes": m["classes"][:2]})
+    arrival("tiny", lambda t: {**t, "images": t["images"][:, :4, :4].contiguous()})
+    arrival("good")
+    new, rejected = scan(incoming, project / "data", [])
+    assert [a["name"] for a in new] == ["good"]
+    reasons = {r["name"]: r["reason"] for r in rejected}
+    assert "images must be uint8 N×H×W×3" in reasons["floats"] and "float32" in reasons["floats"]
+    assert "train.safetensors: labels run 0.." in reasons["labels"] and "lists 2 classes" in reasons["labels"]
+    assert "at least 8×8" in reasons["tiny"]
+    assert all(str(incoming) in r for r in reasons.values()), "each reason names the file"
+    assert torch.equal(load_file(incoming / "good" / "train.safetensors")["images"],
+                       load_file(source / "train.safetensors")["images"])

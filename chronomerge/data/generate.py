@@ -212,6 +212,50 @@ def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = No
     return digests
 
 
+def check_dataset(folder: str | os.PathLike) -> None:
+    """Check a dataset in chronomerge's format before anything uses it; a `ValueError` names the file and
+    what is wrong. Each split: images uint8 N×H×W×3 (so no NaN or inf, values 0-255), at least one
+    image of at least 8×8 pixels, integer labels in 0..len(classes)-1, one caption per image."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        classes, splits = meta["classes"], meta["splits"]
+        assert isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+        assert isinstance(meta["templates"], list) and isinstance(splits, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"{folder / 'meta.json'}: not a dataset description (classes: a non-empty list of "
+                         f"names, templates, splits) ({type(e).__name__})") from None
+    for split in ("train", "test"):
+        path = folder / f"{split}.safetensors"
+        if split not in splits:
+            raise ValueError(f"{folder / 'meta.json'}: no {split!r} split")
+        try:
+            t = load_file(path)
+            images, labels = t["images"], t["labels"]
+        except (OSError, SafetensorError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable or without 'images' and 'labels' ({type(e).__name__})") from None
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{path}: images must be uint8 N×H×W×3 (RGB, 0-255); got {str(images.dtype)[6:]} "
+                             f"{'×'.join(map(str, images.shape))}")
+        n = images.shape[0]
+        if n == 0:
+            raise ValueError(f"{path}: the {split} split is empty")
+        if min(images.shape[1:3]) < 8:
+            raise ValueError(f"{path}: images are {images.shape[1]}×{images.shape[2]}; at least 8×8 pixels")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (n,):
+            raise ValueError(f"{path}: labels must be {n} integers, got {str(labels.dtype)[6:]} "
+                             f"{'×'.join(map(str, labels.shape))}")
+        if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
+            raise ValueError(f"{path}: labels run {int(labels.min())}..{int(labels.max())} but meta.json lists "
+                             f"{len(classes)} classes (labels 0..{len(classes) - 1})")
+        captions = splits[split].get("captions") if isinstance(splits[split], dict) else None
+        if not isinstance(captions, list) or len(captions) != n:
+            raise ValueError(f"{folder / 'meta.json'}: the {split} split needs one caption per image ({n})")
+
+
 def load_split(root: str | os.PathLike, name: str, split: str) -> Split:
     """Read one split written by `prepare` (safetensors and JSON only)."""
     from safetensors.torch import load_file
