@@ -15,7 +15,14 @@ digests; registering copies a dataset (converted, for folders and manifests) und
 and an expert under `<data root>/.experts/`, whole or not at all. An entry that cannot be read,
 changed after it was registered, or clashes with a different one of the same name is rejected
 with the reason; an entry that is none of the above (or a dataset without its `meta.json` yet)
-is skipped with the reason. Both are reported on every update, never silently passed over.
+is skipped with the reason. Both are reported on every update, never silently passed over, and
+each rejection is kept in `.chronomerge/rejected.json` (entry → reason, first and last seen); a
+rejected entry never blocks a later one.
+
+`chronomerge withdraw NAME` takes a registered arrival back: its record entry is marked withdrawn
+(with the time and reason), the incoming entry moves to `<incoming>/.withdrawn/` and its copy under
+the data root to `<data root>/.withdrawn/` (nothing is deleted), and the next update rebuilds the
+stream without it. The same name may arrive again, as new data.
 """
 from __future__ import annotations
 
@@ -38,9 +45,71 @@ EXPERTS = ".experts"  # under the data root: imported experts, one folder or fil
 STREAM_KIND = "arrivals"  # stream.kind of an update's stream: stream.tasks, whole, in arrival order
 
 
+REJECTED = Path(".chronomerge") / "rejected.json"
+WITHDRAWN = ".withdrawn"  # under the incoming folder and the data root: what `withdraw` took back
+
+
 def read_arrivals(project: Path) -> list[dict]:
+    """The whole arrivals record, withdrawn entries included (`active` leaves them out)."""
     path = Path(project) / ARRIVALS
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def active(record: list[dict]) -> list[dict]:
+    """The arrivals an update's stream is made of: the record without withdrawn entries."""
+    return [a for a in record if "withdrawn" not in a]
+
+
+def _write(project: Path, name: Path, value) -> None:
+    path = Path(project) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
+
+
+def record_rejections(project: Path, rejected: list[dict]) -> None:
+    """Keep each rejected entry with its reason in `.chronomerge/rejected.json` (first and last seen)."""
+    now = time.time()
+    path = Path(project) / REJECTED
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    changed = False
+    for r in rejected:
+        if r.get("status") != "rejected":
+            continue
+        previous = kept.get(r["name"], {})
+        kept[r["name"]] = {"reason": r["reason"], "first_seen": previous.get("first_seen", now), "last_seen": now}
+        changed = True
+    if changed:
+        _write(project, REJECTED, kept)
+
+
+def _aside(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` (made if missing) under a name not taken yet; returns where it went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 1
+    while target.exists():
+        target, n = folder / f"{path.name}.{n}", n + 1
+    path.rename(target)
+    return target
+
+
+def withdraw(project: Path, incoming: Path, data_root: Path, name: str, reason: str) -> list[str]:
+    """Take the registered arrival `name` back (see the module's docstring); returns what moved where.
+    Hold the update lock around it: an update must not read the record half-changed."""
+    record = read_arrivals(project)
+    found = [i for i, a in enumerate(record) if a["name"] == name and "withdrawn" not in a]
+    if not found:
+        names = [a["name"] for a in active(record)]
+        raise ValueError(f"withdraw: {name!r} is not a registered arrival; registered: {names or 'none'}")
+    a = record[found[-1]]
+    moved = []
+    for path, folder in ((Path(incoming) / a["entry"], Path(incoming) / WITHDRAWN),
+                         (Path(data_root) / (f"{EXPERTS}/{a['entry']}" if a.get("kind") == "expert" else name),
+                          Path(data_root) / WITHDRAWN)):
+        if path.exists():
+            moved.append(f"{path} → {_aside(path, folder)}")
+    record[found[-1]] = {**a, "withdrawn": time.time(), "withdraw_reason": reason}
+    _write(project, ARRIVALS, record)
+    return moved
 
 
 
@@ -67,7 +136,7 @@ def _task_name(entry: Path) -> str:
 
 def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict], list[dict]]:
     """(new arrivals in arrival order, rejected or skipped ones with a reason) in `incoming`."""
-    registered = {a.get("entry", a["name"]): a["digest"] for a in known}
+    registered = {a.get("entry", a["name"]): a["digest"] for a in active(known)}
     entries = (
         sorted(Path(incoming).iterdir(), key=lambda f: (f.stat().st_mtime, f.name)) if Path(incoming).is_dir() else []
     )
@@ -115,6 +184,7 @@ def scan(incoming: Path, data_root: Path, known: list[dict]) -> tuple[list[dict]
 def stream_tasks(record: list[dict], data_root: Path) -> list:
     """The update stream's `stream.tasks`: a dataset name per data arrival, and `{path, dataset}` per
     expert (its dataset: the arrived or present dataset of the same name, if any)."""
+    record = active(record)
     datasets = {a["name"] for a in record if a.get("kind", "dataset") != "expert"}
     out: list = []
     for a in record:
@@ -167,9 +237,7 @@ def register(project: Path, incoming: Path, data_root: Path, known: list[dict], 
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_dataset(source, target)
     record = known + new
-    path = Path(project) / ARRIVALS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    _write(project, ARRIVALS, record)
     return record
 
 

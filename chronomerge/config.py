@@ -213,10 +213,22 @@ class TrainSection(_Section):
         return self
 
 
+MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
 class TrackingSection(_Section):
     enabled: bool = True
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "chronomerge"
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].split("+", 1)[0] if "://" in v else ""
+        if scheme and scheme not in MLFLOW_SCHEMES:
+            raise ValueError(f"the scheme {scheme!r} is not one MLflow tracks to; expected a folder "
+                             f"or one of {', '.join(s + '://' for s in MLFLOW_SCHEMES)}")
+        return v
 
 
 GATED = Literal["A_KA", "A_ZS", "GM", "ACC"]

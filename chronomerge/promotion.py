@@ -14,6 +14,7 @@ from pathlib import Path
 from chronomerge.store import atomic_write_bytes
 
 DECISIONS = Path(".chronomerge") / "promotions.json"
+JOURNAL = Path(".chronomerge") / "update-journal.json"  # an update in progress (see flows/update.py)
 
 
 def gate(candidate: Mapping[str, float], promoted: Mapping[str, float] | None, metrics: Sequence[str],
@@ -51,3 +52,18 @@ def record(project: Path, decision: Mapping) -> None:
     path = Path(project) / DECISIONS
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps([*read_decisions(project), dict(decision)], indent=1).encode())
+
+
+def read_journal(project: Path) -> dict | None:
+    path = Path(project) / JOURNAL
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_journal(project: Path, journal: Mapping) -> None:
+    path = Path(project) / JOURNAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(dict(journal), indent=1).encode())
+
+
+def clear_journal(project: Path) -> None:
+    (Path(project) / JOURNAL).unlink(missing_ok=True)

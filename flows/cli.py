@@ -8,6 +8,7 @@
     chronomerge sweep sweeps/time-pairs.yaml   a grid of streams sharing cached work, compared
     chronomerge prepare | pretrain             the DVC stages before the stream
     chronomerge update | serve                 one continual update now | on the params schedule (Prefect)
+    chronomerge withdraw <name>                take a registered arrival back (the next update runs without it)
     chronomerge arrive <dataset>               drop an embedded dataset into update.incoming (new data)
     chronomerge lineage --at TIME              what the model promoted at TIME is made of (MLflow alone)
     chronomerge diff <run-a> <run-b>           config, data, metrics and lineage that changed
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import json
 import os
@@ -247,6 +249,16 @@ def cmd_update(args) -> int:
     return 0
 
 
+def cmd_withdraw(args) -> int:
+    from flows.update import withdraw_arrival
+
+    moved = withdraw_arrival(".", args.params, args.set, args.name, args.reason)
+    print(f"withdrawn {args.name}: the next update rebuilds the stream without it")
+    for line in moved:
+        print(f"  moved {line}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     cfg = _checked(args)[0]
     server = server_for_schedules()
@@ -430,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("run_a", help="MLflow run id (the older run)")
     df.add_argument("run_b", help="MLflow run id (the newer run)")
     pipeline("update", cmd_update, "one continual update now: new data in update.incoming → train, merge, gate")
+    wd = pipeline("withdraw", cmd_withdraw, "take a registered arrival back: the next update runs without it")
+    wd.add_argument("name", help="the arrival's task name (as `update` printed it)")
+    wd.add_argument("--reason", default="withdrawn by a user", help="why, kept in the arrivals record")
     pipeline("serve", cmd_serve, "serve the update flow as a Prefect deployment on the params schedule")
     ar = pipeline("arrive", cmd_arrive, "drop an embedded-benchmark dataset into update.incoming (a demo of new data)")
     ar.add_argument("dataset", help="an adaptation dataset of the embedded benchmark, e.g. letters-photo")
@@ -507,6 +522,9 @@ def _interrupted(signum, frame) -> None:
 
 def error_line(e: BaseException) -> str:
     """One readable line: where it happened (a stage's task and name, from the exception's notes) and why."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on device{f' writing {e.filename}' if e.filename else ''}: free some space (or set "
+                "paths.store elsewhere) and rerun; every finished stage is kept and nothing was half-written")
     why = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
     if not isinstance(e, (ValueError, FileNotFoundError, KeyError)):
         why = f"{type(e).__name__}: {why}"

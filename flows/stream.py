@@ -37,7 +37,7 @@ from tasks.evaluate import evaluate
 from tasks.init import init
 from tasks.prepare import base, prepare
 from tasks.store import store
-from tasks.tracking import Tracker, git_commit, id_list_tags, run_link
+from tasks.tracking import Tracker, check_database, git_commit, id_list_tags, run_link
 from tasks.train import train
 
 STAGES = ("init", "train", "store", "deploy", "eval")
@@ -67,10 +67,20 @@ def workspace(cfg: Config, project: Path, progress: bool = False) -> Workspace:
 
 def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
     """Everything about a config that needs more than its schema, checked before any work: the
-    architecture (`model.name`, `model.pretrained`), the evaluation sets (`eval.held_out`) and the
-    experts' files. Returns (architecture, evaluation sets); raises `ConfigError` naming the field."""
+    output folders, the MLflow database, the architecture (`model.name`, `model.pretrained`), the
+    evaluation sets (`eval.held_out`) and the experts' files. Returns (architecture, evaluation
+    sets); raises `ConfigError` naming the field."""
     from chronomerge.checkpoints import CheckpointError, read_checkpoint
 
+    for field in ("store", "outputs"):
+        path = Path(getattr(cfg.paths, field))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"paths.{field}: {path} is a file; expected a folder (made when missing)")
+    if cfg.tracking.enabled:
+        try:
+            check_database(cfg.tracking.mlflow_uri)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     arch = architecture(cfg.model.name, cfg.model.pretrained)
     try:
         sets = evaluation_sets(cfg.stream.model_dump(mode="json"), cfg.eval.held_out)

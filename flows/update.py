@@ -11,6 +11,12 @@ writes the same record):
    otherwise the previous model stays, and the decision says why. Every decision is recorded in
    `.chronomerge/promotions.json` and as tags on the stream's MLflow run.
 
+Crash safety: before registering new arrivals the update writes a journal
+(`.chronomerge/update-journal.json`: when, which arrivals are new, whether `dvc add` has run); a
+rerun after a crash at any point completes it (reruns `dvc add`, reuses the cached stages, promotes
+idempotently: the same run's model version is reused) and records the decision as the uninterrupted
+update would have, then removes the journal.
+
     chronomerge update          # one run now
     chronomerge serve           # a Prefect deployment on the schedule in params (update.interval / cron)
 """
@@ -23,11 +29,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from chronomerge import promotion
-from chronomerge.arrivals import STREAM_KIND, read_arrivals, stream_tasks
+from chronomerge import faults, promotion
+from chronomerge.arrivals import STREAM_KIND, active, read_arrivals, record_rejections, stream_tasks, withdraw
 from chronomerge.config import load_config, validate, with_values
 from chronomerge.export import export_open_clip
 from chronomerge.models import TINY, architecture
+from chronomerge.promotion import clear_journal, read_journal, write_journal
 from chronomerge.report import SUMMARY, scores_line
 from chronomerge.store import CheckpointStore
 from flows.stream import stream_flow
@@ -56,6 +63,19 @@ def update_flow(project: str = ".", params: str | None = "params.yaml", sets: li
     return decision
 
 
+def withdraw_arrival(project: str, params: str | None, sets: list[str], name: str, reason: str) -> list[str]:
+    """`chronomerge withdraw`: take arrival `name` back, under the update lock (see chronomerge.arrivals)."""
+    root = Path(project).resolve()
+    cfg = load_config(None if params is None else root / params, sets)
+    locks = ProcessLockManager(root / ".chronomerge" / "locks")
+    holder = uuid.uuid4().hex
+    locks.acquire_lock("update", holder)
+    try:
+        return withdraw(root, root / cfg.update.incoming, root / cfg.data.root, name, reason)
+    finally:
+        locks.release_lock("update", holder)
+
+
 def decision_lines(d: dict, root: Path) -> list[str]:
     """An update's decision in words: promoted / refused / up to date / waiting and why, what was
     rejected or skipped, the candidate's scores, and what is deployed now."""
@@ -72,17 +92,38 @@ def decision_lines(d: dict, root: Path) -> list[str]:
 def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     cfg = load_config(None if params is None else root / params, sets)
     incoming, data_root = root / cfg.update.incoming, root / cfg.data.root
+    journal = read_journal(root)
     known = read_arrivals(root)
     new, rejected = receive(incoming, data_root, known)
-    arrived = register(root, incoming, data_root, known, new) if new else known
-    dvc_md5 = version_data(root, cfg.update.incoming) if new else None
+    record_rejections(root, rejected)
+    if new:  # the journal names the arrivals before any effect, so a crash cannot lose them
+        before = journal or {"id": uuid.uuid4().hex, "time": time.time(), "new": []}
+        journal = {"id": before["id"], "time": before["time"], "phase": "received", "incoming_dvc_md5": None,
+                   "new": list(dict.fromkeys([*before["new"], *(a["name"] for a in new)]))}
+        write_journal(root, journal)
+        known = register(root, incoming, data_root, known, new)
+        faults.point("update:registered")
+    if journal and journal["phase"] == "received":  # a crash during `dvc add` reruns it
+        journal = {**journal, "phase": "versioned", "incoming_dvc_md5": version_data(root, cfg.update.incoming)}
+        write_journal(root, journal)
+        faults.point("update:versioned")
+    arrived = active(known)
+    names = [a["name"] for a in arrived]
     decisions = promotion.read_decisions(root)
-    base = {"time": time.time(), "new": [a["name"] for a in new], "rejected": rejected, "tasks": len(arrived)}
+    base = {"time": journal["time"] if journal else time.time(), "new": journal["new"] if journal else [],
+            "rejected": rejected, "tasks": len(arrived), "stream": names}
     if not arrived:
+        clear_journal(root)
         return {**base, "status": "waiting", "promoted": False, "reason": f"no task data in {incoming} yet"}
-    if decisions and decisions[-1]["tasks"] == len(arrived):
+    if decisions and decisions[-1].get("stream", names) == names and decisions[-1]["tasks"] == len(arrived):
+        clear_journal(root)  # a crash after the decision was recorded: nothing is left to do
         return {**base, "status": "up to date", "promoted": False,
                 "reason": f"no new data since the last update ({len(arrived)} tasks)"}
+    if journal is None:  # a stream changed by a withdrawal: the promotion below must be idempotent too
+        journal = {"id": uuid.uuid4().hex, "time": base["time"], "new": [], "phase": "versioned",
+                   "incoming_dvc_md5": None}
+        write_journal(root, journal)
+    dvc_md5 = journal["incoming_dvc_md5"]
     stream = validate(with_values(cfg.to_dict(), {"stream.kind": STREAM_KIND, "stream.length": len(arrived),
                                                   "stream.tasks": stream_tasks(arrived, data_root)}), "update")
     summary = stream_flow(stream, project=str(root), quiet=True,
@@ -93,7 +134,8 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     deployed = summary["deployed"]
     decision = {**base, "status": "promoted" if ok else "refused", "promoted": ok, "reason": reason,
                 "candidate": deployed, "previous": current["candidate"] if current else None,
-                "metrics": summary["final"], "run_id": summary["run_id"], "incoming_dvc_md5": dvc_md5}
+                "metrics": summary["final"], "run_id": summary["run_id"], "incoming_dvc_md5": dvc_md5,
+                "update_id": journal["id"]}
     if ok:
         store = CheckpointStore(root / cfg.paths.store)
         store.set_ref(LATEST, deployed)
@@ -102,13 +144,15 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
                 model_dir = _model_files(store, deployed, stream, Path(folder))
                 decision["model_version"] = register_promotion(
                     cfg.tracking.mlflow_uri, cfg.update.registered_model, cfg.update.alias, deployed, model_dir,
-                    summary["run_id"], {"tasks": str(len(arrived)), "gate": reason,
+                    summary["run_id"], journal["id"], {"tasks": str(len(arrived)), "gate": reason,
                                         **{k: f"{v:.6f}" for k, v in summary["final"].items() if v is not None}})
     if cfg.tracking.enabled:
         tag_run(cfg.tracking.mlflow_uri, summary["run_id"],
                 {"gate.decision": decision["status"], "gate.reason": reason,
                  "gate.previous": decision["previous"] or "-", "update.incoming.dvc_md5": dvc_md5 or "-"})
+    faults.point("update:promoted")
     promotion.record(root, decision)
+    clear_journal(root)
     return decision
 
 

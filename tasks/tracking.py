@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,6 +87,22 @@ def _sqlite_setup_lock(uri: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_database(uri: str) -> None:
+    """Raise a ValueError naming `tracking.mlflow_uri` when it is an SQLite file that is not a readable
+    database (garbage or truncated): MLflow would fail with a traceback deep inside a run."""
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        verdict = str(e)
+    if verdict != "ok":
+        raise ValueError(f"tracking.mlflow_uri: {db} is not a readable SQLite database ({verdict}); move it aside "
+                         "to start a new one, or point tracking.mlflow_uri at another")
 
 
 def git_commit(root: str | os.PathLike = ".") -> str:
@@ -203,22 +220,25 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def register_promotion(uri: str, model: str, alias: str, deployed: str, model_dir: Path, run_id: str,
-                       tags: Mapping[str, str]) -> str:
+                       update_id: str, tags: Mapping[str, str]) -> str:
     """A new version of registered model `model` for a promoted checkpoint, and `alias` moved to it.
 
     The files of `model_dir` (the checkpoint as a plain open_clip safetensors file and how to load it)
     become the run's `model/` artifacts and the version's source (`runs:/<run>/model`), so
     `mlflow.artifacts.download_artifacts("models:/<model>@<alias>")` returns the weights wherever the
     tracking server and its artifact store are reachable. The version's creation time is when it was
-    promoted; `chronomerge lineage --at` reads it."""
+    promoted; `chronomerge lineage --at` reads it. Idempotent per update: an update resumed after a crash
+    (the same `update_id`, tagged `update.id`) reuses the version it registered."""
     client = MlflowClient(tracking_uri=uri)
     client.log_artifacts(run_id, str(model_dir), artifact_path="model")
     try:
         client.get_registered_model(model)
     except MlflowException:
         client.create_registered_model(model, description="chronomerge: models promoted by continual updates")
-    version = client.create_model_version(model, f"runs:/{run_id}/model", run_id=run_id,
-                                          tags={"lineage.deployed": deployed, **tags})
+    done = client.search_model_versions(f"name = '{model}' and tags.`update.id` = '{update_id}'")
+    version = done[0] if done else client.create_model_version(
+        model, f"runs:/{run_id}/model", run_id=run_id, tags={"lineage.deployed": deployed, "update.id": update_id,
+                                                              **tags})
     client.set_registered_model_alias(model, alias, version.version)
     return version.version
 

@@ -54,7 +54,7 @@ def test_vit_b_32_stream_runs_every_stage_end_to_end_on_the_cpu(project):
     f = summary["final"]
     assert 0 <= f["A_KA"] <= 1 and f["A_ZS"] is None and f["GM"] is None  # no held-out sets: absent, not zero
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
-    assert metrics["A_ZS"] is None and metrics["GM"] is None
+    assert "A_ZS" not in metrics and "GM" not in metrics and 0 <= metrics["A_KA"] <= 1  # numbers only (DVC)
     assert "| – |" in (project / "outputs" / "report.md").read_text()
 
 

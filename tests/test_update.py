@@ -1,5 +1,6 @@
 """Continual operations with real Prefect, MLflow and DVC: arriving data, the promotion gate both
 ways, two updates at once, a served deployment, audits from MLflow alone, open_clip export."""
+import json
 import math
 import os
 import shutil
@@ -260,3 +261,51 @@ def test_update_takes_image_folders_manifests_and_experts_and_reports_the_rest(p
     capsys.readouterr()
     assert main(["update"]) == 0
     assert "skipped notes.txt: not a dataset (meta.json), an image folder" in capsys.readouterr().out
+
+
+def test_an_update_killed_at_any_point_completes_its_decision_and_a_withdrawn_arrival_leaves_the_stream(
+        dvc_project, prefect_api):
+    """Audit: an update killed after the arrivals record was written reran with `"new": []` and no
+    `dvc add`. Each kill here is a SIGKILL at a named point (chronomerge.faults)."""
+    from chronomerge.arrivals import REJECTED, WITHDRAWN
+    from chronomerge.promotion import JOURNAL
+
+    project = dvc_project
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
+           "PREFECT_HOME": str(project / ".prefect")}
+
+    def killed_update(at):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "update"], cwd=project, capture_output=True,
+                              text=True, timeout=600, env={**env, "CHRONOMERGE_KILL_AT": at})
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+    assert main(["arrive", "letters-photo"]) == 0
+    (project / "incoming" / "broken").mkdir()
+    (project / "incoming" / "broken" / "meta.json").write_text("{}")
+    killed_update("update:registered")
+    assert [a["name"] for a in read_arrivals(project)] == ["letters-photo"] and (project / JOURNAL).exists()
+    first = update_flow(project=str(project))
+    assert first["status"] == "promoted" and first["new"] == ["letters-photo"]
+    assert first["incoming_dvc_md5"] == yaml.safe_load((project / "incoming.dvc").read_text())["outs"][0]["md5"]
+    assert not (project / JOURNAL).exists() and len(read_decisions(project)) == 1
+    assert "unreadable" in json.loads((project / REJECTED).read_text())["broken"]["reason"]
+
+    assert main(["arrive", "numerals-neon"]) == 0
+    killed_update("update:promoted")  # the ref and the registered model moved, the decision not recorded
+    second = update_flow(project=str(project), sets=["update.gate.tolerance=1"])
+    assert second["promoted"] and second["new"] == ["numerals-neon"] and len(read_decisions(project)) == 2
+    cfg = load_config(project / "params.yaml")
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    versions = client.search_model_versions(f"name = '{cfg.update.registered_model}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2], "the resumed update reused its model version"
+
+    assert main(["withdraw", "numerals-neon", "--reason", "mislabelled"]) == 0
+    record = read_arrivals(project)
+    assert record[-1]["withdraw_reason"] == "mislabelled" and "withdrawn" in record[-1]
+    assert (project / "incoming" / WITHDRAWN / "numerals-neon" / "meta.json").exists()
+    assert not (project / "data" / "numerals-neon").exists()
+    assert (project / "data" / WITHDRAWN / "numerals-neon").exists()
+    third = update_flow(project=str(project), sets=["update.gate.tolerance=1"])
+    assert third["stream"] == ["letters-photo"] and third["tasks"] == 1 and third["candidate"] == first["candidate"]
+    assert update_flow(project=str(project))["status"] == "up to date"
+    assert main(["withdraw", "numerals-neon"]) == 2  # withdrawn already: one clear error

@@ -1,0 +1,22 @@
+"""Named points where the fault-injection suite (`bench/faults.py`) and the tests kill a command.
+
+`CHRONOMERGE_KILL_AT=<point>` in the environment makes the process SIGKILL itself when it reaches
+that point (nothing runs after it: no `finally`, no atexit), which is what a preempted node or an
+out-of-memory kill does. Unset, `point()` costs one dictionary look-up.
+
+Points: `update:registered` (arrivals recorded, `dvc add` not run), `update:versioned` (`dvc add`
+done, the stream not run), `update:promoted` (the ref and the registered model moved, the decision
+not recorded).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("update:registered", "update:versioned", "update:promoted")
+
+
+def point(name: str) -> None:
+    """SIGKILL this process if `CHRONOMERGE_KILL_AT` names `name`."""
+    if os.environ.get("CHRONOMERGE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
