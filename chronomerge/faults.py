@@ -4,16 +4,17 @@
 that point (nothing runs after it: no `finally`, no atexit), which is what a preempted node or an
 out-of-memory kill does. Unset, `point()` costs one dictionary look-up.
 
-Points: `update:registered` (arrivals recorded, `dvc add` not run), `update:versioned` (`dvc add`
-done, the stream not run), `update:promoted` (the ref and the registered model moved, the decision
-not recorded).
+Points: `store:rename` (an object or record written and fsynced under its temp name, not renamed),
+`mlflow:task-run` (a task's MLflow run created, half logged), `update:registered` (arrivals
+recorded, `dvc add` not run), `update:versioned` (`dvc add` done, the stream not run),
+`update:promoted` (the ref and the registered model moved, the decision not recorded).
 """
 from __future__ import annotations
 
 import os
 import signal
 
-POINTS = ("update:registered", "update:versioned", "update:promoted")
+POINTS = ("store:rename", "mlflow:task-run", "update:registered", "update:versioned", "update:promoted")
 
 
 def point(name: str) -> None:

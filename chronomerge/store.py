@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from chronomerge import __version__
+from chronomerge import __version__, faults
 from chronomerge.statedict import (
     DTYPE_NAMES,
     CorruptCheckpointError,
@@ -91,6 +91,7 @@ def _atomic_target(path: Path, suffix: str = ""):
             os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point("store:rename")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from chronomerge import faults
 from chronomerge.config import dotted
 from chronomerge.store import pid_alive
 
@@ -196,6 +197,7 @@ class Tracker:
         rid = self.client.create_run(self.experiment_id, start_time=start, run_name=name, tags=tags).info.run_id
         for chunk in _chunks([Param(k, str(v)[:6000]) for k, v in dotted(params).items()], 100):
             self.client.log_batch(rid, params=chunk)
+        faults.point("mlflow:task-run")
         self.client.log_batch(rid, metrics=[Metric(k, float(v), end, t) for k, v in metrics.items()])
         if datasets:
             self.client.log_inputs(rid, [self._dataset(n, d, data_root) for n, d in sorted(datasets.items())])
