@@ -98,6 +98,19 @@ def _atomic_target(path: Path, suffix: str = ""):
     _fsync_dir(path.parent)
 
 
+def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
+    """Delete the temp files (`.tmp-<pid>-…`, as `_atomic_target` names them) in `folders` whose
+    writing process no longer runs: what a kill between writing and renaming leaves behind."""
+    removed = []
+    for folder in folders:
+        for p in Path(folder).glob(".tmp-*"):
+            pid = p.name.split("-")[1]
+            if p.is_file() and pid.isdigit() and not pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that it holds all of it or nothing (temp file, fsync, rename)."""
     with _atomic_target(Path(path)) as tmp:
@@ -154,16 +167,7 @@ class CheckpointStore:
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Delete temporary files left by writers that no longer run (a killed process)."""
-        removed = []
-        for p in self.objects.glob(".tmp-*"):
-            try:
-                pid = int(p.name.split("-")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            if pid <= 0 or not pid_alive(pid):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-        return removed
+        return remove_stale_temps(self.objects, self.root / "refs")
 
     # -- writing -----------------------------------------------------------------------------
     def put(

@@ -30,7 +30,7 @@ from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
 from chronomerge.report import METRICS, SUMMARY, scores_line, task_vector_cosines, write_report, write_results
 from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest
-from chronomerge.store import CheckpointStore, atomic_write_bytes
+from chronomerge.store import CheckpointStore, atomic_write_bytes, remove_stale_temps
 from tasks.cache import refuse_unsafe_records
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
@@ -143,6 +143,7 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     for line in refuse_unsafe_records(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()):
         print(f"warning: {line}", file=sys.stderr, flush=True)
     root = Path(project)
+    remove_stale_temps(root / LAST_RUN.parent, root / cfg.paths.outputs)  # left by a killed command
     c = cfg.to_dict()
     key = stream_key(cfg)
     ws = workspace(cfg, root, progress=not quiet)

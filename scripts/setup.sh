@@ -13,9 +13,11 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then pins=(torch==2.14.1 torc
 stamp=$(sha256sum pyproject.toml | cut -d" " -f1)
 if [ "$(cat .venv/.chronomerge-installed 2>/dev/null)" != "$stamp" ]; then
   echo "installing into .venv (log: $LOG) ..."
-  # uv installs the same packages as pip, several times faster (parallel downloads and unpacking).
+  # uv installs the same packages as pip, several times faster (parallel downloads and unpacking);
+  # pip (which also reads this machine's pip configuration) is the fallback.
   { .venv/bin/pip install --disable-pip-version-check -q uv \
       && .venv/bin/uv pip install --python .venv/bin/python -q "${pins[@]}" -e ".[dev]"; } >"$LOG" 2>&1 \
+    || .venv/bin/pip install --disable-pip-version-check -q "${pins[@]}" -e ".[dev]" >>"$LOG" 2>&1 \
     || { grep -v "^WARNING: Location" "$LOG" | tail -30; exit 1; }
   echo "$stamp" > .venv/.chronomerge-installed
 fi

@@ -199,3 +199,17 @@ def test_a_unique_prefix_names_a_checkpoint_as_in_git(tmp_path, tiny_base):
         store.resolve("ffff" if not oid.startswith("ffff") else "0000")
     with pytest.raises(ValueError, match="4 to 64 hex digits"):
         store.resolve("xyz1")
+
+
+def test_temp_files_of_dead_writers_are_swept_and_no_others(tmp_path):
+    """Audit: a kill between writing and renaming `.chronomerge/last-run.json` left its temp file for good."""
+    from chronomerge.store import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale, live = tmp_path / f".tmp-{dead}-a1", tmp_path / f".tmp-{os.getpid()}-b2"
+    copying = tmp_path / ".tmp-letters"  # arrivals.copy_dataset's temp copy: not a writer's temp file
+    for p in (stale, live, copying):
+        p.write_text("x")
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert live.exists() and copying.exists() and not stale.exists()
