@@ -1,6 +1,6 @@
 """Fault injection: kill, corrupt, feed bad input, race and fill the disk; count what survives.
 
-    .venv/bin/python bench/faults.py [--kills 4] [--seed 0] [--out bench/results-faults.md]
+    .venv/bin/python bench/faults.py [--kills 4] [--seed 0] [--out bench/results-faults.md] [--only GROUP ...]
 
 Every trial runs the real command line (`python -m flows.cli`) in a scratch copy of one small
 project (the tiny model, 3 tasks, a pretrained base), against one Prefect server for the suite:
@@ -305,11 +305,15 @@ def disk_full(seed: Path, scratch: Path, table: Table, reference: str) -> None:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+GROUPS = ("kill-run", "kill-update", "corrupt", "bad-input", "race", "disk-full")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=4, help="random-time kills of `run`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results-faults.md")
+    ap.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="these groups of trials only")
     args = ap.parse_args()
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
@@ -332,13 +336,17 @@ def main() -> int:
         reference = deployed(ref)
         assert ref.returncode == 0 and reference, ref.stderr
         print(f"reference run: {ref_seconds:.0f} s, deployed {reference}", flush=True)
-        kill_runs(seed, scratch, table, reference, ref_seconds, args.kills, random.Random(args.seed))
-        kill_updates(seed, scratch, table)
-        corruptions(ref_project, scratch, table, reference)
-        bad_inputs(seed, scratch, table)
-        race(seed, scratch, table, reference)
-        disk_full(seed, scratch, table, reference)
-    text = (f"Fault injection (`.venv/bin/python bench/faults.py --kills {args.kills} --seed {args.seed}`), "
+        runs = {"kill-run": lambda: kill_runs(seed, scratch, table, reference, ref_seconds, args.kills,
+                                              random.Random(args.seed)),
+                "kill-update": lambda: kill_updates(seed, scratch, table),
+                "corrupt": lambda: corruptions(ref_project, scratch, table, reference),
+                "bad-input": lambda: bad_inputs(seed, scratch, table),
+                "race": lambda: race(seed, scratch, table, reference),
+                "disk-full": lambda: disk_full(seed, scratch, table, reference)}
+        for group in args.only:
+            runs[group]()
+    only = "" if list(args.only) == list(GROUPS) else " --only " + " ".join(args.only)
+    text = (f"Fault injection (`.venv/bin/python bench/faults.py --kills {args.kills} --seed {args.seed}{only}`), "
             f"{time.time() - began:.0f} s on this machine:\n\n{table.markdown()}\n")
     print("\n" + text)
     args.out.write_text(text)

@@ -522,8 +522,10 @@ def _interrupted(signum, frame) -> None:
 
 def error_line(e: BaseException) -> str:
     """One readable line: where it happened (a stage's task and name, from the exception's notes) and why."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on device{f' writing {e.filename}' if e.filename else ''}: free some space (or set "
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+        # (safetensors reports a full disk as its own error, not as an OSError)
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return (f"no space left on device{where}: free some space (or set "
                 "paths.store elsewhere) and rerun; every finished stage is kept and nothing was half-written")
     why = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
     if not isinstance(e, (ValueError, FileNotFoundError, KeyError)):

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ from tasks.train import train
 
 STAGES = ("init", "train", "store", "deploy", "eval")
 ID_FIELDS = ("base", "init", "expert", "fisher", "deployed", "state")
+# What each stage's result holds at least (`chronomerge.stages.run_*`); a cached record without it is recomputed.
+STAGE_KEYS = {"base": ("base",), "init": ("init",), "train": ("expert",), "store": ("experts", "fishers"),
+              "deploy": ("deployed",), "eval": ("scores", "row")}
 STREAM_SECTIONS = ("model", "data", "pretrain", "stream", "eval", "strategy", "train")
 LAST_RUN = Path(".chronomerge") / "last-run.json"
 
@@ -102,9 +105,11 @@ def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) ->
                    [*sets["adaptation"], *sets["held_out"]], cfg.stream.expert_paths)
 
 
-def _untrusted(store: CheckpointStore, out: Any) -> bool:
-    """Whether a cached result is not a stage's output (a record of another shape) or names a checkpoint
-    that is missing or fails verification."""
+def _untrusted(store: CheckpointStore, out: Any, keys: Sequence[str] = ()) -> bool:
+    """Whether a cached result is not a stage's output (a record of another shape: not a dict, or
+    without the stage's `keys`) or names a checkpoint that is missing or fails verification."""
+    if not isinstance(out, dict) or not all(k in out for k in (*keys, "seconds")):
+        return True
     try:
         ids = [out[k] for k in ID_FIELDS if k in out] + list(out.get("experts", [])) + list(out.get("fishers", []))
         return not all(store.intact(i) for i in ids if i is not None)  # an imported expert has no Fisher
@@ -122,7 +127,7 @@ def run_stage(stage_task, ws: Workspace, /, **inputs) -> tuple[dict, str]:
     state = stage_task(ws, **inputs, return_state=True)
     out = state.result()
     cached = state.name == "Cached"
-    if cached and _untrusted(ws.checkpoints, out):
+    if cached and _untrusted(ws.checkpoints, out, STAGE_KEYS.get(stage_task.name, ())):
         state = stage_task.with_options(refresh_cache=True)(ws, **inputs, return_state=True)
         out, cached = state.result(), False
     return out, "cached" if cached else "computed"

@@ -97,9 +97,11 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
     new, rejected = receive(incoming, data_root, known)
     record_rejections(root, rejected)
     if new:  # the journal names the arrivals before any effect, so a crash cannot lose them
-        before = journal or {"id": uuid.uuid4().hex, "time": time.time(), "new": []}
+        before = journal or {"id": uuid.uuid4().hex, "time": time.time(), "new": [], "entries": []}
+        fresh = [a for a in new if a["entry"] not in before["entries"]]  # a dataset and an expert may share a name
         journal = {"id": before["id"], "time": before["time"], "phase": "received", "incoming_dvc_md5": None,
-                   "new": list(dict.fromkeys([*before["new"], *(a["name"] for a in new)]))}
+                   "new": [*before["new"], *(a["name"] for a in fresh)],
+                   "entries": [*before["entries"], *(a["entry"] for a in fresh)]}
         write_journal(root, journal)
         known = register(root, incoming, data_root, known, new)
         faults.point("update:registered")
@@ -120,7 +122,7 @@ def _update(root: Path, params: str | None, sets: list[str]) -> dict:
         return {**base, "status": "up to date", "promoted": False,
                 "reason": f"no new data since the last update ({len(arrived)} tasks)"}
     if journal is None:  # a stream changed by a withdrawal: the promotion below must be idempotent too
-        journal = {"id": uuid.uuid4().hex, "time": base["time"], "new": [], "phase": "versioned",
+        journal = {"id": uuid.uuid4().hex, "time": base["time"], "new": [], "entries": [], "phase": "versioned",
                    "incoming_dvc_md5": None}
         write_journal(root, journal)
     dvc_md5 = journal["incoming_dvc_md5"]

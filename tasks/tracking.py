@@ -33,6 +33,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -172,10 +173,21 @@ class Tracker:
         params = [Param(k, str(v)[:6000]) for k, v in dotted(config).items()]
         for chunk in _chunks(params, 100):
             self.client.log_batch(self.parent, params=chunk)
-        self.client.log_inputs(
-            self.parent, [self._dataset(name, dg, data_root) for name, dg in sorted(digests.items())]
-        )
+        self._log_inputs(self.parent, [self._dataset(name, dg, data_root) for name, dg in sorted(digests.items())])
         return self.parent
+
+    def _log_inputs(self, rid: str, inputs: list[DatasetInput]) -> None:
+        """`log_inputs`, retried when another run of the experiment (a sweep's other point) inserted the
+        same dataset at the same instant: MLflow's SQL store then fails on its unique constraint, and
+        the retry finds the dataset and links it."""
+        for attempt in range(5):
+            try:
+                self.client.log_inputs(rid, inputs)
+                return
+            except MlflowException as e:
+                if "UNIQUE constraint failed" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def _dataset(self, name: str, digest: str, data_root: str) -> DatasetInput:
         ds = MetaDataset(
@@ -200,7 +212,7 @@ class Tracker:
         faults.point("mlflow:task-run")
         self.client.log_batch(rid, metrics=[Metric(k, float(v), end, t) for k, v in metrics.items()])
         if datasets:
-            self.client.log_inputs(rid, [self._dataset(n, d, data_root) for n, d in sorted(datasets.items())])
+            self._log_inputs(rid, [self._dataset(n, d, data_root) for n, d in sorted(datasets.items())])
         self.client.set_terminated(rid, "FINISHED", end_time=end)
         self.client.log_batch(self.parent, metrics=[Metric(k, float(v), end, t) for k, v in parent_metrics.items()])
         return rid

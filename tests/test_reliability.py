@@ -226,3 +226,15 @@ def test_user_mistakes_are_one_line_naming_the_field_or_file_before_any_work(pro
         err = capsys.readouterr().err
         assert err.startswith("error: tracking.mlflow_uri: mlflow.db is not a readable SQLite database"), err
     assert not (project / "outputs" / "metrics.json").exists() and not (project / "data" / "bad").exists()
+
+
+def test_a_cached_record_of_another_shape_is_recomputed_not_read(tmp_path, tiny_base):
+    """Audit (bench/faults.py): Prefect records rewritten as valid JSON of another shape made the rerun
+    fail with `error: base` (a KeyError) instead of recomputing the stage."""
+    from flows.stream import STAGE_KEYS, _untrusted
+
+    store = CheckpointStore(tmp_path)
+    oid = store.put(tiny_base, kind="base")
+    assert not _untrusted(store, {"base": oid, "seconds": 1.0}, STAGE_KEYS["base"])
+    for record in ({"unexpected": [1, 2, 3]}, {"base": oid}, [oid], "text", {"base": "not-an-id", "seconds": 1}):
+        assert _untrusted(store, record, STAGE_KEYS["base"]), record
