@@ -173,7 +173,8 @@ def kill_updates(seed: Path, scratch: Path, table: Table) -> None:
             killed = cli(project, "update", env={"CHRONOMERGE_KILL_AT": point}).returncode == -signal.SIGKILL
         again = cli(project, "update")
         complete, same = _decision_ok(project, reference)
-        table.add(f"kill update at {point}", survived=killed and again.returncode == 0 and complete,
+        label = f"kill update {point}" if point.startswith("during") else f"kill update at {point}"
+        table.add(label, survived=killed and again.returncode == 0 and complete,
                   identical=same, repaired=clean(project))
 
 
