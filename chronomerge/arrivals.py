@@ -38,7 +38,7 @@ import yaml
 from chronomerge.checkpoints import is_checkpoint, read_checkpoint
 from chronomerge.data.adapters import MANIFEST_SUFFIXES, NAME, add_dataset, source_kind
 from chronomerge.data.generate import check_dataset, dataset_digest
-from chronomerge.store import atomic_write_bytes, tree_digest
+from chronomerge.store import atomic_write_json, tree_digest
 
 ARRIVALS = Path(".chronomerge") / "arrivals.json"
 EXPERTS = ".experts"  # under the data root: imported experts, one folder or file each
@@ -60,12 +60,6 @@ def active(record: list[dict]) -> list[dict]:
     return [a for a in record if "withdrawn" not in a]
 
 
-def _write(project: Path, name: Path, value) -> None:
-    path = Path(project) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
-
-
 def record_rejections(project: Path, rejected: list[dict]) -> None:
     """Keep each rejected entry with its reason in `.chronomerge/rejected.json` (first and last seen)."""
     now = time.time()
@@ -79,7 +73,7 @@ def record_rejections(project: Path, rejected: list[dict]) -> None:
         kept[r["name"]] = {"reason": r["reason"], "first_seen": previous.get("first_seen", now), "last_seen": now}
         changed = True
     if changed:
-        _write(project, REJECTED, kept)
+        atomic_write_json(path, kept)
 
 
 def _aside(path: Path, folder: Path) -> Path:
@@ -108,7 +102,7 @@ def withdraw(project: Path, incoming: Path, data_root: Path, name: str, reason: 
         if path.exists():
             moved.append(f"{path} → {_aside(path, folder)}")
     record[found[-1]] = {**a, "withdrawn": time.time(), "withdraw_reason": reason}
-    _write(project, ARRIVALS, record)
+    atomic_write_json(Path(project) / ARRIVALS, record)
     return moved
 
 
@@ -237,7 +231,7 @@ def register(project: Path, incoming: Path, data_root: Path, known: list[dict], 
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_dataset(source, target)
     record = known + new
-    _write(project, ARRIVALS, record)
+    atomic_write_json(Path(project) / ARRIVALS, record)
     return record
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from chronomerge.store import atomic_write_bytes
+from chronomerge.store import atomic_write_json
 
 DECISIONS = Path(".chronomerge") / "promotions.json"
 JOURNAL = Path(".chronomerge") / "update-journal.json"  # an update in progress (see flows/update.py)
@@ -49,9 +49,7 @@ def promoted(decisions: Sequence[Mapping]) -> Mapping | None:
 
 
 def record(project: Path, decision: Mapping) -> None:
-    path = Path(project) / DECISIONS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps([*read_decisions(project), dict(decision)], indent=1).encode())
+    atomic_write_json(Path(project) / DECISIONS, [*read_decisions(project), dict(decision)])
 
 
 def read_journal(project: Path) -> dict | None:
@@ -60,9 +58,7 @@ def read_journal(project: Path) -> dict | None:
 
 
 def write_journal(project: Path, journal: Mapping) -> None:
-    path = Path(project) / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(dict(journal), indent=1).encode())
+    atomic_write_json(Path(project) / JOURNAL, dict(journal))
 
 
 def clear_journal(project: Path) -> None:

@@ -117,6 +117,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    """`value` as indented JSON, written atomically; the parent folder is made if missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
+
+
 def tree_digest(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> str:
     """SHA-256 over the files below `path` (or of the file itself): each file's relative name and the
     SHA-256 of its bytes, read in blocks. Hidden files are left out; `suffixes` keeps only those."""

@@ -22,6 +22,7 @@ update would have, then removes the journal.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import uuid
@@ -51,13 +52,8 @@ def update_flow(project: str = ".", params: str | None = "params.yaml", sets: li
     """One continual update of the project at `project`; returns its decision record. `announce` prints
     the decision as it is made (what `chronomerge update` and each run of `chronomerge serve` show)."""
     root = Path(project).resolve()
-    locks = ProcessLockManager(root / ".chronomerge" / "locks")
-    holder = uuid.uuid4().hex
-    locks.acquire_lock("update", holder)
-    try:
+    with _update_lock(root):
         decision = _update(root, params, list(sets or []))
-    finally:
-        locks.release_lock("update", holder)
     if announce:
         print("\n".join(decision_lines(decision, root)), flush=True)
     return decision
@@ -67,11 +63,18 @@ def withdraw_arrival(project: str, params: str | None, sets: list[str], name: st
     """`chronomerge withdraw`: take arrival `name` back, under the update lock (see chronomerge.arrivals)."""
     root = Path(project).resolve()
     cfg = load_config(None if params is None else root / params, sets)
+    with _update_lock(root):
+        return withdraw(root, root / cfg.update.incoming, root / cfg.data.root, name, reason)
+
+
+@contextlib.contextmanager
+def _update_lock(root: Path):
+    """The project-wide update lock: one update (or withdrawal) at a time; released if the process dies."""
     locks = ProcessLockManager(root / ".chronomerge" / "locks")
     holder = uuid.uuid4().hex
     locks.acquire_lock("update", holder)
     try:
-        return withdraw(root, root / cfg.update.incoming, root / cfg.data.root, name, reason)
+        yield
     finally:
         locks.release_lock("update", holder)
 

@@ -73,15 +73,20 @@ def run_link(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of an SQLite tracking URI (`sqlite:///mlflow.db`), or None for other URIs."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 @contextlib.contextmanager
 def _sqlite_setup_lock(uri: str):
     """Hold an flock beside a SQLite tracking database while MLflow creates its schema and the
     experiment: two runs starting at once in a fresh project would both create the tables (`table …
     already exists`). Released if the process dies. Other tracking URIs need no lock."""
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_file(uri)
+    if db is None:
         yield
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".setup-lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -94,7 +99,7 @@ def _sqlite_setup_lock(uri: str):
 def check_database(uri: str) -> None:
     """Raise a ValueError naming `tracking.mlflow_uri` when it is an SQLite file that is not a readable
     database (garbage or truncated): MLflow would fail with a traceback deep inside a run."""
-    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    db = _sqlite_file(uri)
     if db is None or not db.is_file() or db.stat().st_size == 0:
         return
     try:
