@@ -15,6 +15,7 @@ from chronomerge.config import PretrainSection, TrainSection
 from chronomerge.data import catalog, load_split
 from chronomerge.data.generate import prepare
 from chronomerge.models import TINY, arch_of, create_model, get_tokenizer
+from chronomerge.resume import Checkpointing
 from chronomerge.store import CheckpointStore
 from chronomerge.train import pretrain
 
@@ -35,8 +36,9 @@ def base_ref(recipe: dict) -> str:
 
 def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int = 0,
                 arch: str | Mapping[str, Any] = TINY, cfg: TrainSection = PRETRAIN, device: str = "cpu",
-                size_factor: float = 1.0, progress: bool = False) -> str:
-    """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet."""
+                size_factor: float = 1.0, progress: bool = False, checkpointing: Checkpointing | None = None) -> str:
+    """Id of the pretrained base for (model, seed, data, recipe); pretrains it if not stored yet, with
+    progress checkpoints in `checkpointing` (`chronomerge.resume`)."""
     name = arch_of(arch)["name"]
     digests = prepare(data_root, seed, [catalog.PRETRAIN.name], size_factor=size_factor)
     recipe = base_recipe(name, seed, digests[catalog.PRETRAIN.name], cfg)
@@ -46,7 +48,8 @@ def ensure_base(store: CheckpointStore, data_root: str | os.PathLike, seed: int 
     model = create_model(arch, seed=seed)
     result = pretrain(model, load_split(data_root, catalog.PRETRAIN.name, "train"),
                       cfg.model_copy(update={"seed": seed}), tokenizer=get_tokenizer(arch), device=device,
-                      progress=f"pretraining the base θ0 ({name}, seed {seed})" if progress else None)
+                      progress=f"pretraining the base θ0 ({name}, seed {seed})" if progress else None,
+                      checkpointing=checkpointing)
     oid = store.put(result.state, kind="base", data_digest=recipe["data"], technique="pretrain",
                     hparams=recipe["train"], extra={"model": name, "seed": seed})
     store.set_ref(ref, oid)

@@ -270,6 +270,17 @@ class UpdateSection(_Section):
         return self
 
 
+class ResumeSection(_Section):
+    """Progress checkpoints inside training stages (`chronomerge.resume`): every `every_steps` steps
+    and/or every `every_seconds` seconds (stretched to keep writes under 5% of training time); null
+    turns either off, both null turns checkpoints off. They change when a stage is saved, never its
+    result, so they are not part of any cache key or of the stream's identity."""
+
+    every_seconds: float | None = Field(60.0, gt=0)
+    every_steps: int | None = Field(None, ge=1)
+    keep: int = Field(2, ge=1)  # the newest checkpoints kept (an older one serves when the newest is corrupt)
+
+
 class PathsSection(_Section):
     store: str = "store"
     outputs: str = "outputs"
@@ -286,6 +297,7 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     update: UpdateSection = Field(default_factory=UpdateSection)
+    resume: ResumeSection = Field(default_factory=ResumeSection)
     paths: PathsSection = Field(default_factory=PathsSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

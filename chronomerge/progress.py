@@ -19,17 +19,18 @@ def clock(seconds: float) -> str:
 
 class Progress:
     """`update(step, loss)` after each of `total` steps; `loss` is called only when a line or the bar
-    shows it (reading a GPU loss waits for the device). `close()` at the end."""
+    shows it (reading a GPU loss waits for the device). `close()` at the end. `start`: the steps
+    already done (a loop resumed from a progress checkpoint)."""
 
-    def __init__(self, label: str, total: int, stream=None, interval: float | None = None):
-        self.label, self.total = label, total
+    def __init__(self, label: str, total: int, stream=None, interval: float | None = None, start: int = 0):
+        self.label, self.total, self.start = label, total, start
         self.interval = INTERVAL if interval is None else interval
         self.stream = stream or sys.stderr
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=label, leave=False, file=self.stream)
+            self.bar = tqdm(total=total, initial=start, desc=label, leave=False, file=self.stream)
 
     def update(self, step: int, loss) -> None:
         if self.bar is not None:
@@ -42,7 +43,7 @@ class Progress:
             return
         self.last = now
         done = step + 1
-        left = (now - self.t0) / done * (self.total - done)
+        left = (now - self.t0) / max(1, done - self.start) * (self.total - done)
         print(f"{self.label}: step {done}/{self.total} ({100 * done / self.total:.0f}%), loss {float(loss()):.3f}, "
               f"{clock(now - self.t0)} elapsed, about {clock(left)} left", file=self.stream, flush=True)
 

@@ -26,6 +26,7 @@ from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, us
 from chronomerge.evaluate import score, summarize
 from chronomerge.experts import import_expert
 from chronomerge.models import base_weights, create_model, get_tokenizer, load_model
+from chronomerge.resume import Checkpointing
 from chronomerge.store import CheckpointStore
 from chronomerge.strategies import compose, continual_step, set_merged_tensor, store_continual
 from chronomerge.train import train
@@ -42,11 +43,16 @@ class Workspace:
     data: str
     device: str = "cpu"
     progress: bool = False  # report the progress of long stages (a bar, or lines when not on a terminal)
+    resume: tuple[float | None, int | None, int] = (60.0, None, 2)  # params.yaml's resume: seconds, steps, keep
 
     @cached_property
     def checkpoints(self) -> CheckpointStore:
         """The workspace's one checkpoint store, opened (and stale temp files swept) on first use."""
         return CheckpointStore(self.store)
+
+    def progress_checkpoints(self, stage: str) -> Checkpointing | None:
+        """Progress checkpoints for a training inside the cached stage running now (`chronomerge.resume`)."""
+        return Checkpointing.here(self.store, stage, *self.resume)
 
 
 def resolve_device(name: str) -> str:
@@ -120,9 +126,11 @@ def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], p
         oid = store.put(base_weights(arch, model["pretrained"]), kind="base", technique="import",
                         extra={"model": arch["name"], "pretrained": model["pretrained"]})
     else:
+        ck = ws.progress_checkpoints("base")
         oid = ensure_base(store, ws.data, data["seed"], arch, TrainSection(**pretrain), ws.device, data["size_factor"],
-                          progress=ws.progress)
-    return {"base": oid, "seconds": time.perf_counter() - t0}
+                          progress=ws.progress, checkpointing=ck)
+        return {"base": oid, "seconds": time.perf_counter() - t0, "resumed_steps": ck.resumed_from if ck else 0}
+    return {"base": oid, "seconds": time.perf_counter() - t0, "resumed_steps": 0}
 
 
 # -- the five stages of task t -----------------------------------------------------------------
@@ -149,8 +157,10 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
     tok = get_tokenizer(arch)
     pool = load_split(ws.data, catalog.PRETRAIN.name, "train") if tc.replay_pretrain else None
     prev = [task_split(ws.data, Task.from_dict(p), "train") for p in previous_tasks] if tc.replay_previous else ()
+    ck = ws.progress_checkpoints("train")
     result = train(model, task_split(ws.data, t, "train"), tc, tokenizer=tok, device=ws.device,
-                   replay_pool=pool, previous=prev, progress=f"train {t.name}" if ws.progress else None)
+                   replay_pool=pool, previous=prev, progress=f"train {t.name}" if ws.progress else None,
+                   checkpointing=ck)
     hp = {k: v for k, v in cfg.items() if k not in ("bf16", "compile")} | {"seed": tc.seed}
     expert = store.put(result.state, kind="expert", parents=[init], technique="finetune", hparams=hp,
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
@@ -158,7 +168,7 @@ def run_train(ws: Workspace, cfg: Mapping[str, Any], arch: Mapping[str, Any], ta
                        data_digest=data_digest, extra={"task": t.name, "t": t.index + 1})
     return {"expert": expert, "fisher": fisher, "seconds": time.perf_counter() - t0,
             "loop_seconds": result.seconds, "loss": result.losses[-1],
-            "images_per_second": result.images_per_second}
+            "images_per_second": result.images_per_second, "resumed_steps": ck.resumed_from if ck else 0}
 
 
 def run_store(ws: Workspace, storage: Mapping[str, Sequence[str]], expert: str, fisher: str | None) -> dict:
@@ -214,7 +224,7 @@ def _align(ws: Workspace, spec: Mapping[str, Any], arch: Mapping[str, Any], merg
     t = Task.from_dict(task)
     return align_projection(model, load_model(store, reference, arch), task_split(ws.data, t, "train"),
                             loss=spec["align"], lr=spec["align_lr"], batch_size=spec["align_batch_size"],
-                            device=ws.device, seed=t.index)
+                            device=ws.device, seed=t.index, checkpointing=ws.progress_checkpoints("align"))
 
 
 def run_eval(ws: Workspace, arch: Mapping[str, Any], deployed: str, tasks: Sequence[Mapping[str, Any]],

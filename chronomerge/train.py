@@ -4,7 +4,8 @@ clipping, and replay of the pretraining pool and of earlier tasks.
 
 Seeded and deterministic on the CPU (batches are drawn from a `torch.Generator`); bf16 autocast
 and optional `torch.compile` on a GPU. Returns the trained weights and AdamW's `exp_avg_sq`
-(a diagonal Fisher estimate for CMM's merge).
+(a diagonal Fisher estimate for CMM's merge). With `checkpointing` (`chronomerge.resume`), writes
+progress checkpoints and resumes from the newest valid one, bit-identically on the CPU.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from chronomerge import faults, resume
 from chronomerge.config import TrainSection
 from chronomerge.data import Split
 from chronomerge.models import autocast, model_input, preprocess_of
@@ -56,7 +58,8 @@ def _batch_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, device="cpu",
           replay_pool: Split | None = None, previous: Sequence[Split] = (),
-          head: torch.Tensor | None = None, progress: str | None = None) -> TrainResult:
+          head: torch.Tensor | None = None, progress: str | None = None,
+          checkpointing: resume.Checkpointing | None = None) -> TrainResult:
     """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
 
     `cfg` is params.yaml's validated `train` section (`chronomerge.config.TrainSection`), so its
@@ -66,6 +69,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's classes with the
     text tower frozen; `head` defaults to the zero-shot head of `model` as given. `progress`, a label
     ("train t003-letters-painting"), reports progress under it (`chronomerge.progress`); None is silent.
+    `checkpointing`: write progress checkpoints there and resume from the newest valid one
+    (`chronomerge.resume`); its stage names the kill points (`train:step:<k>` without it).
     """
     if cfg.replay_pretrain and replay_pool is None:
         raise ValueError("train.replay_pretrain > 0 needs the pretraining pool (replay_pool)")
@@ -80,7 +85,7 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
     with (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
         return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
-                      head=head, progress=progress)
+                      head=head, progress=progress, ck=checkpointing)
 
 
 # torch's forward-mode AD levels (and the attention fast-path switch) are process-global: linearized
@@ -88,7 +93,7 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
 _FORWARD_AD = threading.Lock()
 
 
-def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, progress) -> TrainResult:
+def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, progress, ck) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     lin = Linearized(model) if cfg.mode == "linear" else None
     params = lin.tau if lin else {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -123,11 +128,29 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, pro
     indices = [torch.stack([d[j] for d in draws]).to(dev) for j in range(len(staged))]
     pp = preprocess_of(model)
     model.train()
-    losses = []
-    bar = Progress(progress, cfg.steps) if progress else None
-    skip = min(10, cfg.steps // 5)  # steady-state throughput excludes warm-up (and compilation) steps
+    losses: list[torch.Tensor] = []
+
+    def progress_state() -> dict[str, torch.Tensor]:
+        return ({f"model.{k}": v for k, v in model.state_dict().items()}
+                | ({f"tau.{k}": v for k, v in lin.tau.items()} if lin else {}))
+
+    start, fp = 0, resume.fingerprint(cfg.model_dump(mode="json"), cfg.steps, progress_state()) if ck else ""
+    if ck is not None and (got := ck.resume(fp)) is not None:
+        start, saved, meta = got
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for k, p in (lin.tau.items() if lin else ()):
+                p.copy_(saved[f"tau.{k}"])
+        resume.load_optimizer_state(opt, saved, meta)
+        resume.load_rng_state(saved)
+        losses = [x.to(dev) for x in saved["losses"].unbind()]
+        resume.say_resumed(progress or f"{ck.stage} ({cfg.mode})", start, cfg.steps, ck.folder)
+    bar = Progress(progress, cfg.steps, start=start) if progress else None
+    skip = start + min(10, (cfg.steps - start) // 5)  # steady-state throughput excludes warm-up (and compilation)
     t0 = t_steady = time.perf_counter()
-    for step in range(cfg.steps):
+    point = ck.stage if ck else "train"
+    for step in range(start, cfg.steps):
+        faults.point(f"{point}:step:{step}")
         if step == skip:
             _sync(dev)
             t_steady = time.perf_counter()
@@ -148,6 +171,10 @@ def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, pro
         losses.append(loss.detach())  # no host sync per step
         if bar is not None:
             bar.update(step, losses[-1].item)
+        if ck is not None and step + 1 < cfg.steps and ck.due(step + 1):
+            opt_tensors, opt_meta = resume.optimizer_state(opt)
+            ck.save(step + 1, cfg.steps, {**progress_state(), **opt_tensors, **resume.rng_state(),
+                                          "losses": torch.stack(losses).float()}, fp, opt_meta)
     _sync(dev)
     end = time.perf_counter()
     secs = end - t0
@@ -232,8 +259,9 @@ def _vision_step(model, x, labels, head) -> torch.Tensor:
 
 
 def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainSection, *, tokenizer, device="cpu",
-             progress: str | None = None) -> TrainResult:
+             progress: str | None = None, checkpointing: resume.Checkpointing | None = None) -> TrainResult:
     """Contrastive pretraining of the embedded base model on the pretraining pool's captions."""
     if cfg.mode != "clip":
         raise ValueError("pretraining is contrastive: train.mode must be 'clip'")
-    return train(model, pool, cfg, tokenizer=tokenizer, device=device, progress=progress)
+    return train(model, pool, cfg, tokenizer=tokenizer, device=device, progress=progress,
+                 checkpointing=checkpointing)

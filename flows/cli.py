@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import inspect
 import json
 import os
 import signal
@@ -87,12 +86,9 @@ def peek_stage(stage_task, ws, /, **inputs):
     """The persisted result of a stage for these inputs, without running it (None when absent)."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
-    from tasks.cache import stage_key
+    from tasks.cache import key_of
 
-    params = dict(inspect.signature(stage_task.fn).bind(ws, **inputs).arguments)
-    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / stage_key(
-        stage_task.name, stage_task.code_version, params
-    )
+    path = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / key_of(stage_task, ws, **inputs)
     try:
         return json.loads(json.loads(path.read_text())["result"]), "done"
     except (OSError, ValueError, KeyError, TypeError):
@@ -391,12 +387,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from chronomerge.stages import Workspace, resolve_device, run_base
+    from flows.stream import workspace
+    from tasks.cache import run_uncached
+    from tasks.prepare import base
 
     cfg, arch, _ = _checked(args)
     c = cfg.to_dict()
-    out = run_base(Workspace(cfg.paths.store, cfg.data.root, resolve_device(cfg.device), progress=True),
-                   arch, c["model"], c["pretrain"], c["data"])
+    out = run_uncached(base, workspace(cfg, Path("."), progress=True), arch=arch, model=c["model"],
+                       pretrain=c["pretrain"], data=c["data"])
     path = Path(cfg.paths.outputs) / "base.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps({"base": out["base"], "model": c["model"]}, indent=1).encode())

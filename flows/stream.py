@@ -64,8 +64,10 @@ def stream_title(cfg: Config) -> str:
 
 
 def workspace(cfg: Config, project: Path, progress: bool = False) -> Workspace:
+    r = cfg.resume
     return Workspace(store=str(project / cfg.paths.store), data=str(project / cfg.data.root),
-                     device=resolve_device(cfg.device), progress=progress)
+                     device=resolve_device(cfg.device), progress=progress,
+                     resume=(r.every_seconds, r.every_steps, r.keep))
 
 
 def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:

@@ -7,6 +7,9 @@ source and the core modules it depends on, so a change in a helper invalidates t
 data live, which device) is not part of the key: a result is a set of content ids, valid anywhere
 those objects exist; the flow checks they do and recomputes when they do not.
 
+A stage's trainings write their progress checkpoints under its key (`<store>/progress/<key>/`,
+`chronomerge.resume`), removed when the stage returns: a killed stage's rerun (same key) resumes them.
+
 Stages run under SERIALIZABLE isolation with flock locks (in PREFECT_HOME/locks, tasks/locks.py):
 when two flow runs (a sweep's, or two processes) reach the same stage key at once, one computes it
 and the other waits and reads the cached result, so the same expert is never trained twice; a lock
@@ -14,6 +17,7 @@ held by a killed process is released with it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -27,6 +31,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.settings import PREFECT_HOME
 
 import chronomerge
+from chronomerge.resume import stage_progress
 from tasks.locks import ProcessLockManager
 
 CORE = Path(chronomerge.__file__).parent
@@ -79,6 +84,19 @@ def stage_key(name: str, version: str, parameters: dict) -> str:
     return f"{name}-{hashlib.sha256(body.encode()).hexdigest()}"
 
 
+def key_of(stage_task, ws, /, **inputs) -> str:
+    """The cache key of `stage_task` on these inputs (what Prefect looks its record up by)."""
+    params = dict(inspect.signature(stage_task.fn).bind(ws, **inputs).arguments)
+    return stage_key(stage_task.name, stage_task.code_version, params)
+
+
+def run_uncached(stage_task, ws, /, **inputs):
+    """Run a stage's function outside a flow (no record kept), its progress checkpoints under its key,
+    so that it and a flow's run of the same stage resume each other's progress."""
+    with stage_progress(ws.store, key_of(stage_task, ws, **inputs)):
+        return stage_task.fn.__wrapped__(ws, **inputs)
+
+
 def run_name(stage: str, parameters: dict) -> str:
     """A stage run named after what it does: `train t003-numerals-neon` (the task it works on), or, for
     a stage that sees only the store, its task number (`init task 4`)."""
@@ -93,11 +111,19 @@ def stage(name: str, modules: tuple[str, ...]):
     """Decorator: a core stage function → a cached, persisted Prefect task named `name`."""
     def wrap(fn: Callable):
         version = code_version(fn, modules)
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def under_key(*args, **kwargs):
+            params = signature.bind(*args, **kwargs).arguments
+            with stage_progress(params["ws"].store, stage_key(name, version, params)):
+                return fn(*args, **kwargs)
+
         policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: stage_key(name, version, params)).configure(
             isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(Path(PREFECT_HOME.value()) / "locks"))
         t = task(name=name, cache_policy=policy, persist_result=True, result_serializer="json",
                  cache_result_in_memory=False,
-                 task_run_name=lambda: run_name(name, prefect.runtime.task_run.parameters))(fn)
+                 task_run_name=lambda: run_name(name, prefect.runtime.task_run.parameters))(under_key)
         t.code_version = version
         return t
     return wrap
