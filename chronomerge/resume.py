@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -234,12 +234,11 @@ def say_resumed(label: str, step: int, total: int, folder: Path) -> None:
     _say(f"{label}: resumed from its progress checkpoint at step {step}/{total} ({folder})")
 
 
-def in_progress(store: str | os.PathLike, keys: Sequence[str]) -> dict | None:
-    """The newest checkpoint record of the stage under any of `keys` (for `chronomerge status`)."""
-    for key in keys:
-        for rec in sorted((progress_root(store) / key).glob("step-*.json"), reverse=True):
-            try:
-                return json.loads(rec.read_bytes())
-            except (OSError, ValueError):
-                continue
+def in_progress(store: str | os.PathLike, key: str) -> dict | None:
+    """The newest readable checkpoint record of the stage with cache key `key` (`chronomerge status`)."""
+    for rec in sorted((progress_root(store) / key).glob("step-*.json"), reverse=True):
+        try:
+            return json.loads(rec.read_bytes())
+        except (OSError, ValueError):
+            continue
     return None

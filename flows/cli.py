@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import tasks  # noqa: F401  (Prefect's environment defaults, set before anything imports Prefect)
@@ -102,8 +103,11 @@ def cmd_status(args) -> int:
     from chronomerge.benchmark import base_recipe, base_ref
     from chronomerge.checkpoints import read_checkpoint
     from chronomerge.data import catalog
+    from chronomerge.progress import clock
+    from chronomerge.resume import in_progress
     from chronomerge.stages import build_tasks
     from flows.stream import LAST_RUN, STAGES, check, stream_key, stream_title, walk, workspace
+    from tasks.cache import key_of
 
     if not args.set and not args.params_given and LAST_RUN.exists():
         cfg = _last_run()
@@ -128,7 +132,15 @@ def cmd_status(args) -> int:
         print(f"data: not ready ({e}); next: prepare")
         return 0
     done, shown, pending = 0, 0, None
-    for item in walk(cfg, ws, digests, arch, sets, runner=peek_stage):
+    missing: list[str] = []  # the cache key of the stage the walk stopped at
+
+    def peek(stage_task, ws, /, **inputs):
+        got = peek_stage(stage_task, ws, **inputs)
+        if got is None:
+            missing.append(key_of(stage_task, ws, **inputs))
+        return got
+
+    for item in walk(cfg, ws, digests, arch, sets, runner=peek):
         if item[0] == "base":
             print(f"base: done ({item[1]['base'][:16]})")
             continue
@@ -158,6 +170,10 @@ def cmd_status(args) -> int:
         print(f"  {task.index + 1:>3} {task.name:34s} to run")
     total = 1 if cfg.stream.multitask else cfg.stream.length
     print(f"{done}/{total} tasks complete" + (f"; next: {pending}" if pending else ""))
+    if missing and (rec := in_progress(ws.store, missing[-1])):
+        ago = clock(max(0.0, time.time() - rec["time"]))
+        print(f"in progress: {rec['stage']} at step {rec['step']}/{rec['total']} (progress checkpoint {ago} ago); "
+              "the next run resumes there")
     return 0
 
 

@@ -176,7 +176,8 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     summary["wall_seconds"] = time.perf_counter() - t_start
     summary["overhead_seconds"] = summary["wall_seconds"] - summary["compute_seconds"]
     tracker.finish("FINISHED", paths, {"lineage.deployed": summary["deployed"],
-                                       "chronomerge.overhead_seconds": f"{summary['overhead_seconds']:.2f}"})
+                                       "chronomerge.overhead_seconds": f"{summary['overhead_seconds']:.2f}"},
+                   {"base/resumed_steps": summary["base_resumed_steps"]})
     summary["run_id"] = tracker.parent
     _summary_artifact(cfg, key, summary)
     return summary
@@ -263,6 +264,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
     theta0 = base_out["base"]
     if base_status == "computed":
         compute += base_out["seconds"]
+    base_resumed = base_out.get("resumed_steps", 0)  # records made before progress checkpoints lack it
     produced_by: dict[str, tuple[str, str]] = {}  # checkpoint id -> (MLflow task run, its name)
     started = time.time()
     for t, (task, outs, status) in enumerate(walker, 1):
@@ -277,7 +279,8 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
         step = {"t": t, "task": task.name, "A_KA": e_out["A_KA"], "A_ZS": e_out["A_ZS"], "GM": e_out["GM"],
                 **acc_bwt(rows), "scores": e_out["scores"], "row": e_out["row"], "checkpoints": ids,
                 "seconds": seconds, "status": status, "loss": outs["train"]["loss"],
-                "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda")}
+                "data_digest": task_digest(task, digests), "lambda": outs["deploy"].get("lambda"),
+                "resumed_steps": outs["train"].get("resumed_steps", 0)}
         steps.append(step)
         params = {"task": task.name, "t": t, "datasets": ",".join(task.datasets), "init": c["strategy"]["init"],
                   "deploy": c["strategy"]["deploy"], "train": c["train"]}
@@ -295,7 +298,7 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
                "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
             "stages": stages, "compute_seconds": compute, "history": history, "matrix": rows,
-            "scores": steps[-1]["scores"],
+            "scores": steps[-1]["scores"], "base_resumed_steps": base_resumed,
             "final": {k: steps[-1][k] for k in METRICS}}
 
 
@@ -315,6 +318,7 @@ def _log_task(tracker: Tracker, ws: Workspace, step: dict, span: tuple[float, fl
     tags.update({"lineage.base": theta0, "lineage.data": step["data_digest"], "git.commit": commit,
                  **{f"stage.{s}": v for s, v in step["status"].items()}})
     metrics = {k: step[k] for k in (*METRICS, "loss") if step[k] is not None}
+    metrics["train/resumed_steps"] = step["resumed_steps"]  # steps a killed training did not redo
     metrics.update({f"acc/{n}": v for n, v in step["scores"].items()})
     metrics.update({f"time/{s}": v for s, v in step["seconds"].items()})
     if step["lambda"] is not None:

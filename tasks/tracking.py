@@ -222,11 +222,14 @@ class Tracker:
         self.client.log_batch(self.parent, metrics=[Metric(k, float(v), end, t) for k, v in parent_metrics.items()])
         return rid
 
-    def finish(self, status: str, artifacts: list[Path] = (), tags: Mapping[str, str] | None = None) -> None:
+    def finish(self, status: str, artifacts: list[Path] = (), tags: Mapping[str, str] | None = None,
+               metrics: Mapping[str, float] | None = None) -> None:
         if not self.enabled or self.parent is None:
             return
-        if tags:
-            self.client.log_batch(self.parent, tags=[RunTag(k, v) for k, v in tags.items()])
+        if tags or metrics:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent, tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+                                  metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(self.parent, str(path), "plots" if path.suffix == ".png" else None)

@@ -15,9 +15,10 @@ from flows.stream import stream_flow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(project: Path, api: str, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
+def cli(project: Path, api: str, *args: str, script: str | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO),
-           "PREFECT_HOME": str(project / ".prefect")}
+           "PREFECT_HOME": str(project / ".prefect"), **(env or {})}
     cmd = [sys.executable, script, *args] if script else [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
@@ -98,3 +99,71 @@ def test_status_of_a_fresh_project_says_the_run_starts_from_the_stored_base(proj
     assert status.returncode == 0, status.stderr
     assert "base: in the store (" in status.stdout and "settings: params.yaml" in status.stdout
     assert status.stdout.count(" to run") == 3 and "0/3 tasks complete; next: the base, then task 1" in status.stdout
+
+
+# -- inside a stage: progress checkpoints (chronomerge.resume) -----------------------------------
+LONGER = ["pretrain.steps=24", "train.steps=8", "resume.every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, seeded_project):
+    """Deployed id, metrics and expert ids of the LONGER stream run without interruption, and without
+    progress checkpoints (another project)."""
+    import shutil
+
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    for d in ("data", "store"):
+        shutil.copytree(seeded_project / d, ref / d)
+    import yaml
+
+    from tests.conftest import TINY_PARAMS
+
+    (ref / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    cfg = load_config(ref / "params.yaml", [*LONGER, "resume.every_steps=null", "resume.every_seconds=null",
+                                            f"tracking.mlflow_uri=sqlite:///{ref}/mlflow.db"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ref / ".prefect" / "storage"}):
+        summary = stream_flow(cfg, project=str(ref), quiet=True)
+    history = json.loads((ref / "outputs" / "history.json").read_text())
+    return (summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text()),
+            [s["checkpoints"]["expert"] for s in history["steps"]])
+
+
+@pytest.mark.parametrize("kill_at,resumed_line,resumed", [
+    # pretraining killed before its 13th step: checkpoints at 3, 6, 9, 12 (the newest two kept)
+    ("base:step:13", "pretraining the base θ0 (chronoclip-tiny, seed 0): resumed from its progress checkpoint "
+                     "at step 12/24", {"base": 12}),
+    # task 1's training killed inside the write of step 6's checkpoint: 6 is partial, 3 serves
+    ("train:checkpoint:6", "train t000-letters-photo: resumed from its progress checkpoint at step 3/8", {"train": 3}),
+], ids=["sigkill-in-pretraining", "sigkill-in-an-experts-checkpoint-write"])
+def test_a_stage_killed_midway_resumes_at_its_last_progress_checkpoint(project, prefect_api, uninterrupted,
+                                                                       kill_at, resumed_line, resumed):
+    sets = [a for s in LONGER for a in ("--set", s)]
+    crashed = cli(project, prefect_api, "run", *sets, env={"CHRONOMERGE_KILL_AT": kill_at})
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    progress = project / "store" / "progress"
+    if "base" in resumed:
+        status = cli(project, prefect_api, "status")
+        assert "in progress: base at step 12/24" in status.stdout, status.stdout
+    else:
+        assert len(list(progress.glob("*/step-000000006.safetensors"))) == 1  # tensors written, record not
+    done = cli(project, prefect_api, "run", *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert resumed_line in done.stderr, done.stderr
+    if "train" in resumed:
+        assert "step-000000006.safetensors: its record is missing (a write cut short)" in done.stderr
+    deployed, metrics, experts = uninterrupted
+    assert f"deployed: {deployed}" in done.stdout
+    assert json.loads((project / "outputs" / "metrics.json").read_text()) == metrics
+    history = json.loads((project / "outputs" / "history.json").read_text())
+    assert [s["checkpoints"]["expert"] for s in history["steps"]] == experts
+    assert list(progress.iterdir()) == []  # every stage removed its progress when it finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    task1 = next(r for r in runs if r.data.tags.get("chronomerge.t") == "1"
+                 and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert parent.data.metrics["base/resumed_steps"] == resumed.get("base", 0)
+    assert task1.data.metrics["train/resumed_steps"] == resumed.get("train", 0)
