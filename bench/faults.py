@@ -6,8 +6,9 @@ Every trial runs the real command line (`python -m flows.cli`) in a scratch copy
 project (the tiny model, 3 tasks, a pretrained base), against one Prefect server for the suite:
 
 * kill `run`: SIGKILL at random times, and at named points (`chronomerge.faults`: mid-write of an
-  object, mid-way through a task's MLflow logging); the rerun must deploy the reference checkpoint
-  (identical) from a store that verifies clean.
+  object, mid-way through a task's MLflow logging, mid-way through an expert's training and inside
+  the write of its progress checkpoint); the rerun must deploy the reference checkpoint (identical)
+  from a store that verifies clean.
 * kill `update`: at each named point of an update and while `dvc add` runs; the rerun must record
   one decision naming every new arrival, the `dvc add` digest, the `latest` ref on the candidate,
   the uninterrupted update's candidate (identical) and no journal left.
@@ -65,9 +66,10 @@ def deployed(done: subprocess.CompletedProcess | tuple) -> str | None:
 
 
 def clean(project: Path, store: str = "store") -> bool:
-    """The store verifies and no temp file is left anywhere in the project."""
+    """The store verifies, and no temp file or progress checkpoint is left anywhere in the project."""
     temps = [p for p in project.rglob(".tmp-*") if ".venv" not in p.parts]
-    return cli(project, "verify", store).returncode == 0 and not temps
+    progress = list((project / store / "progress").glob("*"))
+    return cli(project, "verify", store).returncode == 0 and not temps and not progress
 
 
 def one_line(done: subprocess.CompletedProcess) -> bool:
@@ -126,10 +128,13 @@ def kill_runs(seed: Path, scratch: Path, table: Table, reference: str, ref_secon
         print(f"  (killed at {at:.0f} s)", flush=True)
         table.add("kill run at a random time", survived=again.returncode == 0,
                   identical=deployed(again) == reference, repaired=clean(project))
-    for point in ("store:rename", "mlflow:task-run"):
+    # progress checkpoints every 2 of an expert's 5 steps: a kill at step 3 resumes at 2, one inside the
+    # write of step 4's checkpoint skips that partial one and resumes at 2 (neither setting is in a cache key)
+    every2 = ("--set", "resume.every_steps=2")
+    for point in ("store:rename", "mlflow:task-run", "train:step:3", "train:checkpoint:4"):
         project = copy(seed, scratch, f"kill-{point.replace(':', '-')}")
-        killed = cli(project, "run", "--quiet", env={"CHRONOMERGE_KILL_AT": point})
-        again = cli(project, "run", "--quiet")
+        killed = cli(project, "run", "--quiet", *every2, env={"CHRONOMERGE_KILL_AT": point})
+        again = cli(project, "run", "--quiet", *every2)
         table.add(f"kill run at {point}", survived=killed.returncode == -signal.SIGKILL and again.returncode == 0,
                   identical=deployed(again) == reference, repaired=clean(project))
 

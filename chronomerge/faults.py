@@ -7,14 +7,15 @@ out-of-memory kill does. Unset, `point()` costs one dictionary look-up.
 Points: `store:rename` (an object or record written and fsynced under its temp name, not renamed),
 `mlflow:task-run` (a task's MLflow run created, half logged), `update:registered` (arrivals
 recorded, `dvc add` not run), `update:versioned` (`dvc add` done, the stream not run),
-`update:promoted` (the ref and the registered model moved, the decision not recorded).
+`update:promoted` (the ref and the registered model moved, the decision not recorded); inside a
+training (`chronomerge.resume`), for the stage `base` (pretraining), `train` or `align`:
+`<stage>:step:<k>` (before step k runs: k steps done) and `<stage>:checkpoint:<k>` (step k's
+progress checkpoint half written: its tensors on disk, its record not).
 """
 from __future__ import annotations
 
 import os
 import signal
-
-POINTS = ("store:rename", "mlflow:task-run", "update:registered", "update:versioned", "update:promoted")
 
 
 def point(name: str) -> None:
