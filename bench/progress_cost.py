@@ -3,10 +3,13 @@ default interval, and at a short one; and the write time of a ViT-B-16-sized che
 
     python bench/progress_cost.py [--steps 600] [--every 60 10] [--vit ViT-B-16] [--out FILE]
 
+`--steps 0` skips the pretraining rows and `--vit ''` the ViT row; a part not run keeps its figures in
+`--out`.
+
 Each training row runs `--steps` steps of the embedded base's pretraining recipe (batch 128) from
 the same seed, in the order: none, each interval, none again; `overhead` is its wall time over the
 mean of the two runs without checkpoints (their difference is the noise), and `write share` is the
-checkpoints' own write time over the run's (what the interval bounds at 5%). The ViT row builds an
+checkpoints' own write time over the run's (what the interval bounds at 2%). The ViT row builds an
 open_clip model with random weights, takes one contrastive AdamW step at batch 2 so that every
 parameter has optimizer state, and times `--writes` checkpoint writes of it (weights + AdamW moments
 + RNG, fsync and SHA-256 included).
@@ -72,18 +75,22 @@ def main() -> None:
     p.add_argument("--writes", type=int, default=3)
     p.add_argument("--out", default="bench/results-progress-cost.json")
     args = p.parse_args()
-    prepare(args.data, 0, [catalog.PRETRAIN.name])
-    rows = [pretraining_row(args.data, args.steps, every) for every in [None, *args.every, None]]
-    base = (rows[0]["wall_s"] + rows[-1]["wall_s"]) / 2
-    for r in rows:
-        r["overhead_pct"] = round(100 * (r["wall_s"] / base - 1), 2)
-        r["write_share_pct"] = round(100 * r["write_s"] / r["wall_s"], 2)
-        print(json.dumps(r), flush=True)
-    vit = vit_row(args.vit, args.writes) if args.vit else None
-    if vit:
-        print(json.dumps(vit), flush=True)
-    out = {"threads": torch.get_num_threads(), "pretraining": rows, "vit": vit}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out_path = Path(args.out)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {}
+    out["threads"] = torch.get_num_threads()
+    if args.steps:
+        prepare(args.data, 0, [catalog.PRETRAIN.name])
+        rows = [pretraining_row(args.data, args.steps, every) for every in [None, *args.every, None]]
+        base = (rows[0]["wall_s"] + rows[-1]["wall_s"]) / 2
+        for r in rows:
+            r["overhead_pct"] = round(100 * (r["wall_s"] / base - 1), 2)
+            r["write_share_pct"] = round(100 * r["write_s"] / r["wall_s"], 2)
+            print(json.dumps(r), flush=True)
+        out["pretraining"] = rows
+    if args.vit:
+        out["vit"] = vit_row(args.vit, args.writes)
+        print(json.dumps(out["vit"]), flush=True)
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -272,7 +272,7 @@ class UpdateSection(_Section):
 
 class ResumeSection(_Section):
     """Progress checkpoints inside training stages (`chronomerge.resume`): every `every_steps` steps
-    and/or every `every_seconds` seconds (stretched to keep writes under 5% of training time); null
+    and/or every `every_seconds` seconds (stretched to keep writes under 2% of training time); null
     turns either off, both null turns checkpoints off. They change when a stage is saved, never its
     result, so they are not part of any cache key or of the stream's identity."""
 

@@ -23,7 +23,7 @@ Writing: the tensors to a temp file (fsync, rename), then their SHA-256 into the
 rename): a checkpoint exists only once its record does. Reading: the newest checkpoint whose record
 parses, matches the fingerprint and names tensors of the recorded SHA-256 is used; each one skipped
 says why on stderr. The interval: every `every_steps` steps, or every `every_seconds` seconds but never
-sooner than 20 times the last write took, so checkpoints cost at most about 5% of training time.
+sooner than 50 times the last write took, so checkpoints cost at most about 2% of training time.
 
 Kill points (`chronomerge.faults`): `<stage>:step:<k>` before step k runs (k steps done) and
 `<stage>:checkpoint:<k>` inside the write of step k's checkpoint (tensors on disk, record not).
@@ -51,7 +51,7 @@ from chronomerge import faults
 from chronomerge.store import atomic_save, atomic_write_json, remove_stale_temps
 
 FORMAT = 1
-MAX_COST = 0.05  # the time interval stretches to keep writes under this share of training time
+MAX_COST = 0.02  # the time interval stretches to keep writes under this share of training time
 
 # The cache key of the stage running in this thread (set by `tasks.cache.stage`), None outside one.
 _STAGE_KEY: ContextVar[str | None] = ContextVar("chronomerge_stage_key", default=None)
