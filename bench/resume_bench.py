@@ -68,7 +68,7 @@ def main() -> None:
         m = re.search(r"resumed from its progress checkpoint at step (\d+)/(\d+)", again_err)
         metrics = [(p / "outputs" / "metrics.json").read_text() for p in (ref, crashed)]
         result = {
-            "command": " ".join(["chronomerge", *COMMAND[4:]]),
+            "command": " ".join(["chronomerge", *COMMAND[3:]]),
             "uninterrupted_s": round(ref_s, 1), "killed_after_s": round(kill_s, 1), "killed_rc": kill_rc,
             "rerun_s": round(again_s, 1), "rerun_rc": again_rc,
             "resumed_at_step": int(m.group(1)) if m else None, "of_steps": int(m.group(2)) if m else None,
