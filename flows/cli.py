@@ -349,10 +349,19 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep)
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     raw = apply_overrides(raw or {}, args.set)
-    with booting():
-        runs = points(raw, sweep)  # every point validated before anything runs
-        print(f"sweep {sweep['name']}: {len(runs)} runs, {args.workers} at a time")
-    summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs)
+    # Dask workers are other processes: they need a Prefect server they can reach, not this process's own
+    server = server_for_schedules() if args.runner == "dask" else None
+    try:
+        with booting():
+            runs = points(raw, sweep)  # every point validated before anything runs
+            where = (f"on the Dask scheduler at {args.address}" if args.address else
+                     f"{args.workers} at a time" + (" on a local Dask cluster" if args.runner == "dask" else ""))
+            print(f"sweep {sweep['name']}: {len(runs)} runs, {where}")
+        summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs, runner=args.runner,
+                             address=args.address)
+    finally:
+        if server is not None:
+            server.terminate()
     folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
     print((folder / "summary.md").read_text())
     print(f"wrote {folder}/summary.md, summary.csv, plots/; {summary['wall_seconds']:.0f} s")
@@ -446,7 +455,12 @@ def parser() -> argparse.ArgumentParser:
         pipeline(name, fn, help).add_argument("--quiet", action="store_true", help="no per-task progress lines")
     sw = pipeline("sweep", cmd_sweep, "run a grid of streams (a sweep file) sharing cached work")
     sw.add_argument("sweep", help="sweep file, e.g. sweeps/time-pairs.yaml")
-    sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2)")
+    sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2): threads, or the "
+                    "worker processes of a local Dask cluster")
+    sw.add_argument("--runner", choices=("threads", "dask"), default="threads",
+                    help="where the points run: threads of this process (default), or Dask workers (prefect-dask)")
+    sw.add_argument("--address", metavar="ADDR", help="an existing Dask scheduler (tcp://host:8786) for --runner dask; "
+                    "its workers need PREFECT_API_URL, the project's shared paths and the MLflow tracking URI")
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     lg = pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from")
     lg.add_argument("target", nargs="?", help="checkpoint id or a unique prefix of one (as git takes them), or an "

@@ -13,6 +13,14 @@ with the sweep) writing to `<outputs>/sweeps/<name>/<point>/`. Stage results are
 and locked (tasks/cache.py), so points with the same init and training share their experts:
 the same expert is never trained twice, even by two points running at once. The sweep ends with
 a comparison table (`summary.md`, `summary.csv`) and TIME-style plots.
+
+Points are Prefect tasks dispatched by the sweep flow's task runner (`task_runner`): threads of this
+process (`threads`, the default), or the worker processes of a Dask cluster (`dask`, through
+prefect-dask): a local one of `workers` processes, or an existing scheduler at `address`. A point
+carries its config as JSON and names the project by an absolute path; a worker reaches the Prefect
+API, the store and MLflow through the settings it is given (`worker_env`), never this process's memory.
+A worker that dies mid-point has its point rerun by another (Dask reschedules it): the stages it
+finished are cached and the training it was in resumes at its progress checkpoint.
 """
 from __future__ import annotations
 
@@ -20,13 +28,15 @@ import csv
 import io
 import itertools
 import json
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from chronomerge.config import Config, ConfigError, dotted, validate, with_values
 from chronomerge.report import METRICS, SUMMARY, pct
@@ -79,29 +89,74 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
 
 
-@flow(name="chronomerge-sweep", validate_parameters=False)
+RUNNERS = ("threads", "dask")
+
+
+def worker_env() -> dict[str, str]:
+    """What a point needs to find in a worker process: the Prefect API and this project's Prefect home
+    and result storage (as this process has them, from its environment or its settings context)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError("--runner dask needs a Prefect server its workers can reach: set PREFECT_API_URL "
+                          "(chronomerge sweep starts one when it is unset)")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "MLFLOW_", "CHRONOMERGE_"))}
+    return env | {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(PREFECT_HOME.value()),
+                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())}
+
+
+def task_runner(runner: str, workers: int, address: str | None = None) -> TaskRunner:
+    """The task runner that runs a sweep's points: `workers` threads, a local Dask cluster of `workers`
+    processes, or the Dask scheduler at `address` (whose workers are configured by their owner)."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner {runner!r} is not allowed; expected one of {', '.join(RUNNERS)}")
+    if runner == "threads":
+        if address:
+            raise ConfigError("--address names a Dask scheduler: use it with --runner dask")
+        return ThreadPoolTaskRunner(max_workers=max(1, workers))
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "env": worker_env()})
+
+
+@task(name="sweep point", cache_policy=NO_CACHE, persist_result=False,
+      task_run_name=lambda: f"point {point_name(__import__('prefect').runtime.task_run.parameters['values'])}")
+def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict) -> dict:
+    """A point's run summary, or its error: a diverged configuration is a result, not the sweep's end.
+    Runs wherever the task runner puts it; `config` is the point's params as JSON, `project` absolute."""
+    import tasks  # noqa: F401  (Prefect's environment defaults, in a fresh worker process)
+
+    name = point_name(values)
+    try:
+        summary = stream_flow(validate(config, f"sweep point {name}"), project=project, quiet=quiet,
+                              tags={**tags, "chronomerge.point": name, "chronomerge.worker": os.uname().nodename})
+    except Exception as e:
+        return {"point": name, "values": values, "error": f"{type(e).__name__}: {e}"}
+    return {"point": name, "values": values, **summary}
+
+
 def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True,
-               runs: list[tuple[dict, Config]] | None = None) -> dict:
+               runs: list[tuple[dict, Config]] | None = None, runner: str = "threads",
+               address: str | None = None) -> dict:
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary.
-    `runs` are the sweep's `points`, when the caller has validated them already."""
+    `runs` are the sweep's `points`, when the caller has validated them already; `runner`, `workers`
+    and `address` say where the points run (`task_runner`)."""
+    return _sweep.with_options(task_runner=task_runner(runner, workers, address))(raw, sweep, project, quiet, runs)
+
+
+@flow(name="chronomerge-sweep", validate_parameters=False)
+def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[dict, Config]] | None) -> dict:
     t0 = time.perf_counter()
     runs = points(raw, sweep) if runs is None else runs
     first = runs[0][1]  # every point is validated before any runs
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
-
-    def one(point: tuple[dict, dict]) -> dict:
-        """A point's run summary, or its error: a diverged configuration is a result, not the sweep's end."""
-        values, config = point
-        name = point_name(values)
-        try:
-            summary = stream_flow(config, project=project, quiet=quiet, tags={**tags, "chronomerge.point": name})
-        except Exception as e:
-            return {"point": name, "values": values, "error": f"{type(e).__name__}: {e}"}
-        return {"point": name, "values": values, **summary}
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        outcomes = list(pool.map(one, runs))
+    where = str(Path(project).resolve())
+    futures = [run_point.submit(values, config.to_dict(), where, quiet, tags) for values, config in runs]
+    outcomes = [f.result() for f in futures]
     wall = time.perf_counter() - t0
     done = [(o, config) for o, (_, config) in zip(outcomes, runs) if "error" not in o]
     failed = [o for o in outcomes if "error" in o]
