@@ -95,27 +95,6 @@ def test_the_reproduction_experiments_are_sweep_files():
         assert len(runs) == 2 * len({point_name({k: x for k, x in v.items() if k != "stream.seed"}) for v, _ in runs})
 
 
-def test_a_sweep_on_a_local_dask_cluster_runs_points_in_worker_processes_and_trains_each_expert_once(project):
-    """Two worker processes of a real Dask cluster (prefect-dask), one Prefect API, the project's store:
-    the points' stages lock across processes, so the experts both points need are trained once."""
-    import os
-
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    sweep = {"name": "dask", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
-    summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask")
-    assert summary["points"] == 2 and not summary["failed"]
-    # deploy differs, init and training do not: 3 experts for 6 train stages
-    assert summary["train_stages"] == 6 and summary["trainings_run"] == 3
-    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
-                              "tags.`chronomerge.sweep` = 'dask'")
-    assert len(runs) == 2 and all(int(r.data.tags["chronomerge.pid"]) != os.getpid() for r in runs)
-    ema = next(r for r in summary["results"] if r["point"] == "deploy.mode=ema")
-    alone = stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
-    assert alone["deployed"] == ema["deployed"]  # the same result as a run in this process
-    assert all(s["status"] == "cached" for s in alone["stages"])
-
-
 def test_runner_options_are_checked(project):
     from flows.sweep import task_runner
 
