@@ -19,6 +19,15 @@ import signal
 
 
 def point(name: str) -> None:
-    """SIGKILL this process if `CHRONOMERGE_KILL_AT` names `name`."""
-    if os.environ.get("CHRONOMERGE_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process if `CHRONOMERGE_KILL_AT` names `name`. With `CHRONOMERGE_KILL_ONCE=<file>`,
+    only the first process to reach the point dies (it creates the file first): a worker of a cluster
+    killed once, whose task is then rerun by another worker with the same environment."""
+    if os.environ.get("CHRONOMERGE_KILL_AT") != name:
+        return
+    once = os.environ.get("CHRONOMERGE_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -15,7 +15,8 @@ it), the losses so far and the torch RNG states (CPU, and every CUDA device). Th
 position is the step: every step's batch indices are drawn up front from a generator seeded by
 `train.seed` (`chronomerge.train`), so a resumed run draws the same batches. On the CPU a resumed
 stage's result is bit-identical to an uninterrupted one (same weights, same AdamW second moments,
-same expert id). On a GPU the resumed run restores the same state, but cuBLAS/cuDNN kernels
+same expert id) computed with the same number of torch threads (a CPU matmul's reductions split by
+thread: 1 and 2 threads give different last bits, so different ids). On a GPU the resumed run restores the same state, but cuBLAS/cuDNN kernels
 (and bf16 autocast) are not run-to-run deterministic, so the result equals an uninterrupted run's
 only up to that nondeterminism, as two uninterrupted GPU runs do.
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -94,15 +95,20 @@ RUNNERS = ("threads", "dask")
 
 def worker_env() -> dict[str, str]:
     """What a point needs to find in a worker process: the Prefect API and this project's Prefect home
-    and result storage (as this process has them, from its environment or its settings context)."""
+    and result storage (as this process has them, from its environment or its settings context), and
+    this process's torch thread count."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     if not PREFECT_API_URL.value():
         raise ConfigError("--runner dask needs a Prefect server its workers can reach: set PREFECT_API_URL "
                           "(chronomerge sweep starts one when it is unset)")
     env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "MLFLOW_", "CHRONOMERGE_"))}
+    # CPU results are bit-identical only at one intra-op thread count (reductions split by thread):
+    # workers train with this process's, not the 1 thread Dask gives each worker process by default
+    threads = str(torch.get_num_threads())
     return env | {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(PREFECT_HOME.value()),
-                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())}
+                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+                  "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def task_runner(runner: str, workers: int, address: str | None = None) -> TaskRunner:

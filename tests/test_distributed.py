@@ -2,6 +2,7 @@
 tracked to a real MLflow tracking server with its own artifact store, all on loopback."""
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from chronomerge.config import load_config
 from chronomerge.export import export_open_clip
@@ -90,3 +92,29 @@ def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(projec
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "model.safetensors",
                                                                     tmp_path / "model" / "model.safetensors")]
     assert digest[0] == digest[1], down
+
+
+def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(project, tmp_path, monkeypatch):
+    """SIGKILL the worker process running a point inside an expert's training (once: the rerun on another
+    worker goes through): Dask reruns the point, which resumes at the training's progress checkpoint and
+    ends at the deployed id of an uninterrupted run."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["resume"] = {"every_steps": 2}
+    sweep = {"name": "killed", "base": {}, "grid": {"strategy.deploy.mode": ["ema"]}}
+    monkeypatch.setenv("CHRONOMERGE_KILL_AT", "train:step:3")  # the workers' environment (sweep.worker_env)
+    monkeypatch.setenv("CHRONOMERGE_KILL_ONCE", str(tmp_path / "killed-once"))
+    summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask")
+    monkeypatch.delenv("CHRONOMERGE_KILL_AT")
+    assert (tmp_path / "killed-once").exists()  # a worker did die there
+    assert not summary["failed"], summary["failed"]
+    (point,) = summary["results"]
+    # the same stream computed from scratch in this process (fresh Prefect records: every stage runs)
+    reference = tmp_path / "reference"
+    for d in ("data", "store"):
+        shutil.copytree(project / d, reference / d)
+    cfg = load_config(project / "params.yaml", [f"tracking.mlflow_uri=sqlite:///{reference}/m.db"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: reference / ".prefect" / "storage"}):
+        alone = stream_flow(cfg, project=str(reference), quiet=True)
+    assert all(s["status"] == "computed" for s in alone["stages"])
+    assert alone["deployed"] == point["deployed"]
+    assert list((project / "store" / "progress").iterdir()) == []
