@@ -95,20 +95,15 @@ RUNNERS = ("threads", "dask")
 
 def worker_env() -> dict[str, str]:
     """What a point needs to find in a worker process: the Prefect API and this project's Prefect home
-    and result storage (as this process has them, from its environment or its settings context), and
-    this process's torch thread count."""
+    and result storage (as this process has them, from its environment or its settings context)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     if not PREFECT_API_URL.value():
         raise ConfigError("--runner dask needs a Prefect server its workers can reach: set PREFECT_API_URL "
                           "(chronomerge sweep starts one when it is unset)")
     env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "MLFLOW_", "CHRONOMERGE_"))}
-    # CPU results are bit-identical only at one intra-op thread count (reductions split by thread):
-    # workers train with this process's, not the 1 thread Dask gives each worker process by default
-    threads = str(torch.get_num_threads())
     return env | {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(PREFECT_HOME.value()),
-                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
-                  "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())}
 
 
 def task_runner(runner: str, workers: int, address: str | None = None) -> TaskRunner:
@@ -130,10 +125,15 @@ def task_runner(runner: str, workers: int, address: str | None = None) -> TaskRu
 
 @task(name="sweep point", cache_policy=NO_CACHE, persist_result=False,
       task_run_name=lambda: f"point {point_name(__import__('prefect').runtime.task_run.parameters['values'])}")
-def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict) -> dict:
+def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict, threads: int) -> dict:
     """A point's run summary, or its error: a diverged configuration is a result, not the sweep's end.
-    Runs wherever the task runner puts it; `config` is the point's params as JSON, `project` absolute."""
+    Runs wherever the task runner puts it; `config` is the point's params as JSON, `project` absolute.
+    `threads`: torch's intra-op threads, the submitting process's: CPU results are bit-identical only
+    at one thread count (a matmul's reductions split by thread), and a Dask worker's task thread
+    otherwise runs torch on 1."""
     import tasks  # noqa: F401  (Prefect's environment defaults, in a fresh worker process)
+
+    torch.set_num_threads(threads)
 
     name = point_name(values)
     try:
@@ -161,7 +161,8 @@ def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[d
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
     where = str(Path(project).resolve())
-    futures = [run_point.submit(values, config.to_dict(), where, quiet, tags) for values, config in runs]
+    threads = torch.get_num_threads()
+    futures = [run_point.submit(values, config.to_dict(), where, quiet, tags, threads) for values, config in runs]
     outcomes = [f.result() for f in futures]
     wall = time.perf_counter() - t0
     done = [(o, config) for o, (_, config) in zip(outcomes, runs) if "error" not in o]
