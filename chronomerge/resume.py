@@ -16,9 +16,10 @@ position is the step: every step's batch indices are drawn up front from a gener
 `train.seed` (`chronomerge.train`), so a resumed run draws the same batches. On the CPU a resumed
 stage's result is bit-identical to an uninterrupted one (same weights, same AdamW second moments,
 same expert id) computed with the same number of torch threads (a CPU matmul's reductions split by
-thread: 1 and 2 threads give different last bits, so different ids). On a GPU the resumed run restores the same state, but cuBLAS/cuDNN kernels
-(and bf16 autocast) are not run-to-run deterministic, so the result equals an uninterrupted run's
-only up to that nondeterminism, as two uninterrupted GPU runs do.
+thread: 1 and 2 threads give different last bits, so different ids). On a GPU the resumed run
+restores the same state, but cuBLAS/cuDNN kernels (and bf16 autocast) are not run-to-run
+deterministic, so the result equals an uninterrupted run's only up to that nondeterminism, as two
+uninterrupted GPU runs do.
 
 Writing: the tensors to a temp file (fsync, rename), then their SHA-256 into the record (temp, fsync,
 rename): a checkpoint exists only once its record does. Reading: the newest checkpoint whose record
