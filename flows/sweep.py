@@ -24,6 +24,7 @@ finished are cached and the training it was in resumes at its progress checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -150,7 +151,22 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary.
     `runs` are the sweep's `points`, when the caller has validated them already; `runner`, `workers`
     and `address` say where the points run (`task_runner`)."""
-    return _sweep.with_options(task_runner=task_runner(runner, workers, address))(raw, sweep, project, quiet, runs)
+    with _environment_kept():
+        return _sweep.with_options(task_runner=task_runner(runner, workers, address))(raw, sweep, project, quiet, runs)
+
+
+@contextlib.contextmanager
+def _environment_kept():
+    """Put this process's environment back as it was: a local Dask cluster's nannies write their workers'
+    pre-spawn variables (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, PYTHONHASHSEED, ...) into the *parent's*
+    `os.environ` before each spawn, and every later subprocess would inherit them (a CLI run on 1 torch
+    thread trains different last bits)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @flow(name="chronomerge-sweep", validate_parameters=False)

@@ -58,8 +58,11 @@ def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(projec
     raw["tracking"]["mlflow_uri"] = mlflow_server
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     sweep = {"name": "dask", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
+    environment = dict(os.environ)
     summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask")
     assert summary["points"] == 2 and not summary["failed"], summary["failed"]
+    # the nannies' OMP_NUM_THREADS=1 & co. do not stay in this process (its later subprocesses inherit it)
+    assert dict(os.environ) == environment
     # deploy differs, init and training do not: 3 experts for 6 train stages, across two processes
     assert summary["train_stages"] == 6 and summary["trainings_run"] == 3
     client = MlflowClient(tracking_uri=mlflow_server)
