@@ -344,7 +344,7 @@ def cmd_sweep(args) -> int:
     import yaml
 
     from chronomerge.config import apply_overrides
-    from flows.sweep import load_sweep, points, sweep_flow
+    from flows.sweep import load_sweep, local_gpus, points, sweep_flow
 
     sweep = load_sweep(args.sweep)
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
@@ -354,11 +354,14 @@ def cmd_sweep(args) -> int:
     try:
         with booting():
             runs = points(raw, sweep)  # every point validated before anything runs
+            gpus = local_gpus(args.runner, args.address, args.gpus)
             where = (f"on the Dask scheduler at {args.address}" if args.address else
-                     f"{args.workers} at a time" + (" on a local Dask cluster" if args.runner == "dask" else ""))
+                     f"{max(args.workers, gpus)} at a time" + (" on a local Dask cluster" if args.runner == "dask"
+                                                               else "")
+                     + (f", {gpus} of its workers with a GPU each" if gpus else ""))
             print(f"sweep {sweep['name']}: {len(runs)} runs, {where}")
         summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs, runner=args.runner,
-                             address=args.address)
+                             address=args.address, gpus=gpus)
     finally:
         if server is not None:
             server.terminate()
@@ -461,6 +464,8 @@ def parser() -> argparse.ArgumentParser:
                     help="where the points run: threads of this process (default), or Dask workers (prefect-dask)")
     sw.add_argument("--address", metavar="ADDR", help="an existing Dask scheduler (tcp://host:8786) for --runner dask; "
                     "its workers need PREFECT_API_URL, the project's shared paths and the MLflow tracking URI")
+    sw.add_argument("--gpus", type=int, metavar="N", help="GPUs of this machine for a local Dask cluster: one worker "
+                    "per GPU, each point holding one (default: every GPU torch sees)")
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     lg = pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from")
     lg.add_argument("target", nargs="?", help="checkpoint id or a unique prefix of one (as git takes them), or an "

@@ -91,6 +91,20 @@ def booting():
             _record(server.server_process.pid)
 
 
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> bool:
+    """Wait until `url` answers (a server's health endpoint); False when `process` exits first or
+    `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
 def server_for_schedules() -> subprocess.Popen | None:
     """A long-running Prefect server with its scheduler on a free loopback port, PREFECT_API_URL set
     to it; None when PREFECT_API_URL already names a server. The caller terminates it."""
@@ -106,16 +120,9 @@ def server_for_schedules() -> subprocess.Popen | None:
                                "--port", str(port), "--no-ui"], env=env, stdout=log.open("ab"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"the Prefect server did not start; see {log}") from None
-            time.sleep(0.5)
+    if not wait_healthy(f"{url}/health", server):
+        server.kill()
+        raise RuntimeError(f"the Prefect server did not start; see {log}")
     os.environ["PREFECT_API_URL"] = url
     _STARTED.append(server)
     _record(server.pid)

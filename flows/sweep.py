@@ -21,6 +21,13 @@ carries its config as JSON and names the project by an absolute path; a worker r
 API, the store and MLflow through the settings it is given (`worker_env`), never this process's memory.
 A worker that dies mid-point has its point rerun by another (Dask reschedules it): the stages it
 finished are cached and the training it was in resumes at its progress checkpoint.
+
+GPUs: a point holds one GPU for its whole stream (its stages run one after another, the merges and
+evaluations on the GPU its training used). On Dask it asks the scheduler for the abstract resource
+`GPU: 1` (`point_resources`) when its `device` is `cuda`, or `auto` on a local cluster with GPUs; a
+worker offers `GPU: 1` per GPU it owns (`local_cluster`: one worker per GPU of this machine, each seeing
+only its own through CUDA_VISIBLE_DEVICES; on a cluster of your own, `dask worker --resources GPU=1`).
+So a GPU is never shared by two points, and CPU-only workers never get a GPU point.
 """
 from __future__ import annotations
 
@@ -107,21 +114,57 @@ def worker_env() -> dict[str, str]:
                   "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())}
 
 
-def task_runner(runner: str, workers: int, address: str | None = None) -> TaskRunner:
-    """The task runner that runs a sweep's points: `workers` threads, a local Dask cluster of `workers`
-    processes, or the Dask scheduler at `address` (whose workers are configured by their owner)."""
+def task_runner(runner: str, workers: int, address: str | None = None, gpus: int = 0) -> TaskRunner:
+    """The task runner that runs a sweep's points: `workers` threads, a local Dask cluster
+    (`local_cluster`), or the Dask scheduler at `address` (whose workers are configured by their owner)."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner {runner!r} is not allowed; expected one of {', '.join(RUNNERS)}")
     if runner == "threads":
-        if address:
-            raise ConfigError("--address names a Dask scheduler: use it with --runner dask")
+        if address or gpus:
+            raise ConfigError(f"{'--address' if address else '--gpus'} is for Dask: use it with --runner dask")
         return ThreadPoolTaskRunner(max_workers=max(1, workers))
     from prefect_dask import DaskTaskRunner
 
     if address:
+        if gpus:
+            raise ConfigError("--gpus lays out a local cluster: the workers at --address offer their own GPUs")
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": worker_env()})
+    return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster(workers, gpus))
+
+
+def local_cluster(workers: int, gpus: int) -> dict:
+    """SpecCluster arguments for a local Dask cluster of max(workers, gpus) single-threaded worker
+    processes: the first `gpus` each own one GPU (CUDA_VISIBLE_DEVICES=i, resource GPU=1), the rest none
+    (CUDA_VISIBLE_DEVICES empty). Every worker gets `worker_env`."""
+    from distributed import Nanny, Scheduler
+
+    if gpus < 0 or workers < 1:
+        raise ConfigError(f"--workers must be >= 1 and --gpus >= 0 (got {workers} and {gpus})")
+    env = worker_env()
+    specs = {}
+    for i in range(max(workers, gpus)):
+        gpu = i < gpus
+        specs[f"{'gpu' if gpu else 'cpu'}-{i}"] = {"cls": Nanny, "options": {
+            "nthreads": 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(i) if gpu else ""},
+            **({"resources": {"GPU": 1}} if gpu else {})}}
+    return {"workers": specs, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}}
+
+
+def local_gpus(runner: str, address: str | None, gpus: int | None) -> int:
+    """The GPUs a sweep's local Dask cluster lays its workers on: `gpus` when given, else every GPU torch
+    sees (0 for threads and for a scheduler at `address`, whose workers offer their own)."""
+    if gpus is not None:
+        return gpus
+    return torch.cuda.device_count() if runner == "dask" and not address else 0
+
+
+def point_resources(config: Config, runner: str, address: str | None, gpus: int) -> dict:
+    """What a point asks the Dask scheduler for: one GPU when it trains on one (`device: cuda`, or `auto`
+    on a local cluster with GPUs); nothing otherwise, and nothing on threads."""
+    if runner != "dask":
+        return {}
+    wants = config.device == "cuda" or (config.device == "auto" and not address and gpus > 0)
+    return {"GPU": 1} if wants else {}
 
 
 @task(name="sweep point", cache_policy=NO_CACHE, persist_result=False,
@@ -137,22 +180,39 @@ def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict,
     torch.set_num_threads(threads)
 
     name = point_name(values)
+    where = {"chronomerge.point": name, "chronomerge.worker": os.uname().nodename, **_dask_worker()}
     try:
         summary = stream_flow(validate(config, f"sweep point {name}"), project=project, quiet=quiet,
-                              tags={**tags, "chronomerge.point": name, "chronomerge.worker": os.uname().nodename})
+                              tags={**tags, **where})
     except Exception as e:
         return {"point": name, "values": values, "error": f"{type(e).__name__}: {e}"}
     return {"point": name, "values": values, **summary}
 
 
+def _dask_worker() -> dict:
+    """MLflow tags naming the Dask worker running this point and the GPUs it sees (none off Dask)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return {}
+    return {"chronomerge.dask_worker": worker.name if isinstance(worker.name, str) else worker.address,
+            "chronomerge.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
 def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True,
                runs: list[tuple[dict, Config]] | None = None, runner: str = "threads",
-               address: str | None = None) -> dict:
+               address: str | None = None, gpus: int | None = None) -> dict:
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary.
-    `runs` are the sweep's `points`, when the caller has validated them already; `runner`, `workers`
-    and `address` say where the points run (`task_runner`)."""
+    `runs` are the sweep's `points`, when the caller has validated them already; `runner`, `workers`,
+    `address` and `gpus` say where the points run (`task_runner`, `point_resources`)."""
+    runs = points(raw, sweep) if runs is None else runs
+    gpus = local_gpus(runner, address, gpus)
+    resources = [point_resources(config, runner, address, gpus) for _, config in runs]
     with _environment_kept():
-        return _sweep.with_options(task_runner=task_runner(runner, workers, address))(raw, sweep, project, quiet, runs)
+        return _sweep.with_options(task_runner=task_runner(runner, workers, address, gpus))(
+            raw, sweep, project, quiet, runs, resources)
 
 
 @contextlib.contextmanager
@@ -170,15 +230,20 @@ def _environment_kept():
 
 
 @flow(name="chronomerge-sweep", validate_parameters=False)
-def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[dict, Config]] | None) -> dict:
+def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[dict, Config]],
+           resources: list[dict]) -> dict:
+    import dask
+
     t0 = time.perf_counter()
-    runs = points(raw, sweep) if runs is None else runs
     first = runs[0][1]  # every point is validated before any runs
     Tracker(first.tracking.mlflow_uri, first.tracking.experiment, first.tracking.enabled)  # experiment made once
     tags = {"chronomerge.sweep": sweep["name"]}
     where = str(Path(project).resolve())
     threads = torch.get_num_threads()
-    futures = [run_point.submit(values, config.to_dict(), where, quiet, tags, threads) for values, config in runs]
+    futures = []
+    for (values, config), asks in zip(runs, resources):
+        with dask.annotate(resources=asks) if asks else contextlib.nullcontext():
+            futures.append(run_point.submit(values, config.to_dict(), where, quiet, tags, threads))
     outcomes = [f.result() for f in futures]
     wall = time.perf_counter() - t0
     done = [(o, config) for o, (_, config) in zip(outcomes, runs) if "error" not in o]

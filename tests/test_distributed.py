@@ -1,13 +1,14 @@
 """Beyond one process: a sweep on a real local Dask cluster (two worker processes, prefect-dask),
-tracked to a real MLflow tracking server with its own artifact store, all on loopback."""
+tracked to a real MLflow tracking server whose artifact store is an S3-compatible server (moto), all on
+loopback."""
+import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -19,41 +20,69 @@ from chronomerge.config import load_config
 from chronomerge.export import export_open_clip
 from chronomerge.models import architecture
 from chronomerge.store import CheckpointStore
+from flows.prefect_server import wait_healthy
 from flows.stream import stream_flow
 from flows.sweep import sweep_flow
 from tasks.tracking import register_promotion
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on a free loopback port: SQLite backend, artifacts served from its own folder
-    (clients reach them over HTTP only); yields its URI."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], health: str, log: Path, env: dict | None = None):
+    """A server subprocess (its own session), up once `health` answers, stopped on exit."""
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        assert wait_healthy(health, proc), log.read_text()[-3000:]
+        yield
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+# An S3-compatible object store: moto's server, on loopback, with its test credentials.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "chronomerge-artifacts"
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """moto's S3 server on a free loopback port, with the bucket BUCKET; yields its endpoint URL."""
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    with server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], url,
+                tmp_path / "s3-server.log", S3_ENV):
+        s3(url).create_bucket(Bucket=BUCKET)
+        yield url
+
+
+def s3(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                        region_name="us-east-1")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, s3_server):
+    """`mlflow server` on a free loopback port: a SQLite backend, and artifacts in the S3 bucket, proxied by
+    the server (clients and workers reach them over HTTP and need no S3 credentials); yields its URI."""
     srv = tmp_path / "mlflow-server"
     srv.mkdir()
-    log = (srv / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{srv}/backend.db",
-                             "--artifacts-destination", str(srv / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (srv / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=60)
+    uri = f"http://127.0.0.1:{(port := free_port())}"
+    with server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                 "1", "--backend-store-uri", f"sqlite:///{srv}/backend.db",
+                 "--artifacts-destination", f"s3://{BUCKET}/mlflow"], f"{uri}/health", srv / "server.log",
+                {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_server, "MLFLOW_DISABLE_TELEMETRY": "true"}):
+        yield uri
 
 
-def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(project, mlflow_server, tmp_path):
+def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(project, mlflow_server, s3_server,
+                                                                          tmp_path):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["tracking"]["mlflow_uri"] = mlflow_server
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -79,6 +108,9 @@ def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(projec
                                               tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl"))
     assert (project / "outputs" / "sweeps" / "dask" / "deploy.mode=ema" / "metrics.json").read_bytes() == \
         open(got, "rb").read()
+    # ... from the S3-compatible store, where the server put them
+    stored = [o["Key"] for o in s3(s3_server).list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert any(k.endswith(f"{ema['run_id']}/artifacts/metrics.json") for k in stored), stored
     # a registered model version of the deployed checkpoint downloads from the server
     cfg = load_config(project / "params.yaml")
     folder = tmp_path / "promoted"
@@ -121,3 +153,20 @@ def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(pr
     assert all(s["status"] == "computed" for s in alone["stages"])
     assert alone["deployed"] == point["deployed"]
     assert list((project / "store" / "progress").iterdir()) == []
+
+
+def test_points_that_train_on_a_gpu_each_hold_one_and_never_land_on_a_cpu_worker(project):
+    """A local cluster laid out for one GPU and two workers (`--workers 2 --gpus 1`): worker gpu-0 offers
+    the resource GPU=1 and sees only GPU 0, cpu-1 offers none. The points ask for a GPU (device auto on a
+    local cluster with GPUs; on this CPU they then train on the CPU): both run on gpu-0, one after the other."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["stream"]["length"] = 1
+    sweep = {"name": "gpu", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
+    summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask", gpus=1)
+    assert summary["points"] == 2 and not summary["failed"], summary["failed"]
+    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                              "tags.`chronomerge.sweep` = 'gpu'", order_by=["attributes.start_time ASC"])
+    assert [(r.data.tags["chronomerge.dask_worker"], r.data.tags["chronomerge.cuda_visible_devices"])
+            for r in runs] == [("gpu-0", "0")] * 2
+    assert runs[0].info.end_time <= runs[1].info.start_time  # the GPU was never held by two points

@@ -100,5 +100,25 @@ def test_runner_options_are_checked(project):
 
     with pytest.raises(ConfigError, match="--runner 'ray' is not allowed; expected one of threads, dask"):
         task_runner("ray", 2)
-    with pytest.raises(ConfigError, match="--address names a Dask scheduler: use it with --runner dask"):
+    with pytest.raises(ConfigError, match="--address is for Dask: use it with --runner dask"):
         task_runner("threads", 2, "tcp://127.0.0.1:8786")
+    with pytest.raises(ConfigError, match="--gpus is for Dask: use it with --runner dask"):
+        task_runner("threads", 2, gpus=1)
+    with pytest.raises(ConfigError, match="--gpus lays out a local cluster"):
+        task_runner("dask", 2, "tcp://127.0.0.1:8786", gpus=1)
+    with pytest.raises(ConfigError, match="--workers must be >= 1 and --gpus >= 0"):
+        task_runner("dask", 2, gpus=-1)
+
+
+@pytest.mark.parametrize("device,runner,address,gpus,asks", [
+    ("cuda", "dask", "tcp://h:8786", 0, {"GPU": 1}),  # a GPU point on someone's cluster asks for a GPU worker
+    ("auto", "dask", "tcp://h:8786", 0, {}),  # ... an `auto` one runs wherever it lands
+    ("auto", "dask", None, 2, {"GPU": 1}),  # a local cluster with GPUs: `auto` trains on one
+    ("auto", "dask", None, 0, {}),
+    ("cpu", "dask", None, 2, {}),  # a CPU point leaves the GPUs to others
+    ("cuda", "threads", None, 0, {}),  # threads share this process's devices: nothing to ask
+])
+def test_a_point_asks_for_a_gpu_when_it_trains_on_one(device, runner, address, gpus, asks):
+    from flows.sweep import point_resources
+
+    assert point_resources(validate({"device": device}), runner, address, gpus) == asks
