@@ -6,6 +6,12 @@ from PIL import Image
 from chronomerge.models import create_model
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked slow run first (a stable sort): started last, one would keep a single
+    pytest-xdist worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_base() -> dict[str, torch.Tensor]:
     """A real open_clip state dict of the embedded tiny config (pretrained=None, seeded)."""

@@ -81,6 +81,7 @@ def mlflow_server(tmp_path, s3_server):
         yield uri
 
 
+@pytest.mark.slow
 def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(project, mlflow_server, s3_server,
                                                                           tmp_path):
     raw = yaml.safe_load((project / "params.yaml").read_text())
@@ -129,6 +130,7 @@ def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(projec
     assert digest[0] == digest[1], down
 
 
+@pytest.mark.slow
 def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(project, tmp_path, monkeypatch):
     """SIGKILL the worker process running a point inside an expert's training (once: the rerun on another
     worker goes through): Dask reruns the point, which resumes at the training's progress checkpoint and
@@ -155,6 +157,7 @@ def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(pr
     assert list((project / "store" / "progress").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_points_that_train_on_a_gpu_each_hold_one_and_never_land_on_a_cpu_worker(project):
     """A local cluster laid out for one GPU and two workers (`--workers 2 --gpus 1`): worker gpu-0 offers
     the resource GPU=1 and sees only GPU 0, cpu-1 offers none. The points ask for a GPU (device auto on a

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY_PARAMS
 
@@ -22,6 +23,7 @@ def ran(log: str) -> list[str]:
     return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")]
 
 
+@pytest.mark.slow
 def test_dvc_repro_reruns_only_changed_stages(tmp_path, seeded_project, prefect_api):
     proj = tmp_path / "proj"
     proj.mkdir()

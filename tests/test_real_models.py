@@ -38,6 +38,7 @@ def run_stream(project: Path, **params):
     return stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
 
 
+@pytest.mark.slow
 def test_vit_b_32_stream_runs_every_stage_end_to_end_on_the_cpu(project):
     for name in ("colours-a", "colours-b"):
         add_dataset(
@@ -165,6 +166,7 @@ def _hf_models(root: Path):
         expert.save_pretrained(root / name)
 
 
+@pytest.mark.slow
 def test_the_readme_worked_example_runs_as_written(tmp_path, prefect_api):
     pytest.importorskip("transformers")
     params_name, params_text, commands = _readme_blocks()

@@ -8,6 +8,7 @@ from flows.cli import main
 from flows.sweep import point_name
 
 
+@pytest.mark.slow
 def test_reproduce_runs_every_experiment_and_judges_each_finding_from_the_figures(project, capsys):
     sets = ["stream.length=2", "train.steps=5"]
     assert main(["report", "--reproduce", "--seeds", "0", "--opcm-lengths", "2", "3",

@@ -40,6 +40,7 @@ def reference(project):
     return summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,n,resumed", [
     # 5 steps per task: the 12th step is task 3's 2nd; tasks 1-2 and task 3's init had finished.
     ("train", 12, {(3, "init")}),
@@ -76,6 +77,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, prefect_api, re
     assert parents[1].data.tags["chronomerge.resumed_from"] == parents[0].info.run_id
 
 
+@pytest.mark.slow
 def test_resume_reruns_the_last_started_run_and_status_reports_progress(project, prefect_api):
     crashed = cli(project, prefect_api, "train", "7", script=str(REPO / "tests" / "crash_run.py"))
     assert crashed.returncode == -9
@@ -130,6 +132,7 @@ def uninterrupted(tmp_path_factory, seeded_project):
             [s["checkpoints"]["expert"] for s in history["steps"]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at,resumed_line,resumed", [
     # pretraining killed before its 13th step: checkpoints at 3, 6, 9, 12 (the newest two kept)
     ("base:step:13", "pretraining the base θ0 (chronoclip-tiny, seed 0): resumed from its progress checkpoint "

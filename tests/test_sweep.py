@@ -5,7 +5,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from chronomerge.config import ConfigError, load_config
+from chronomerge.config import ConfigError, load_config, validate
 from flows.stream import stream_flow
 from flows.sweep import load_sweep, point_name, points, sweep_flow
 

@@ -56,6 +56,7 @@ def test_update_settings_are_validated(tmp_path):
             load_config(None, sets)
 
 
+@pytest.mark.slow
 def test_arriving_data_is_trained_merged_gated_and_audited(dvc_project, capsys):
     project = dvc_project
     assert update_flow(project=str(project))["status"] == "waiting"
@@ -179,6 +180,7 @@ def test_two_updates_at_once_train_each_task_once(dvc_project, prefect_api):
     assert sorted(r.data.tags["chronomerge.t"] for r in runs) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_a_served_deployment_picks_up_arriving_data(dvc_project):
     project = dvc_project
     params = yaml.safe_load((project / "params.yaml").read_text())
