@@ -10,7 +10,8 @@ those objects exist; the flow checks they do and recomputes when they do not.
 A stage's trainings write their progress checkpoints under its key (`<store>/progress/<key>/`,
 `chronomerge.resume`), removed when the stage returns: a killed stage's rerun (same key) resumes them.
 
-Stages run under SERIALIZABLE isolation with flock locks (in PREFECT_HOME/locks, tasks/locks.py):
+Stages run under SERIALIZABLE isolation with flock locks (in PREFECT_HOME/locks, tasks/locks.py; on a
+Dask worker also the scheduler's lock of the key, which holds across machines):
 when two flow runs (a sweep's, or two processes) reach the same stage key at once, one computes it
 and the other waits and reads the cached result, so the same expert is never trained twice; a lock
 held by a killed process is released with it.
@@ -32,7 +33,7 @@ from prefect.settings import PREFECT_HOME
 
 import chronomerge
 from chronomerge.resume import stage_progress
-from tasks.locks import ProcessLockManager
+from tasks.locks import StageLockManager
 
 CORE = Path(chronomerge.__file__).parent
 
@@ -120,7 +121,7 @@ def stage(name: str, modules: tuple[str, ...]):
                 return fn(*args, **kwargs)
 
         policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: stage_key(name, version, params)).configure(
-            isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(Path(PREFECT_HOME.value()) / "locks"))
+            isolation_level="SERIALIZABLE", lock_manager=StageLockManager(Path(PREFECT_HOME.value()) / "locks"))
         t = task(name=name, cache_policy=policy, persist_result=True, result_serializer="json",
                  cache_result_in_memory=False,
                  task_run_name=lambda: run_name(name, prefect.runtime.task_run.parameters))(under_key)

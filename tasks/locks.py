@@ -6,6 +6,12 @@ forever. An flock is released by the kernel when the holding process dies, so a 
 blocks its resume. Locks are per open file description, hence exclusive between threads of one
 process (a sweep) as well as between processes. Lock files are left in place after release:
 unlinking a locked path races with a waiter that has already opened it.
+
+On a Dask cluster (`chronomerge sweep --runner dask`) workers on different machines may not share a
+filesystem with working flock (or any PREFECT_HOME at all), so `StageLockManager` also takes the
+Dask scheduler's lock of the same key (`distributed.Lock`): held by the scheduler, it excludes workers
+on every machine, and a dead worker's lease expires (distributed.scheduler.locks.lease-timeout, 30 s
+by default) instead of blocking its point's rerun. Outside a Dask worker it is the flock alone.
 """
 from __future__ import annotations
 
@@ -102,3 +108,52 @@ class ProcessLockManager:
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+def _dask_lock(key: str):
+    """The Dask scheduler's lock named for `key` when this process is a Dask worker, else None."""
+    try:
+        from distributed import Lock, get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return None
+    return Lock(f"chronomerge-stage-{key}")
+
+
+class StageLockManager(ProcessLockManager):
+    """The stage locks (tasks/cache.py): the flock, and on a Dask worker first the scheduler's lock of
+    the same key, so that two machines never compute one stage at once."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self._cluster: dict[str, object] = {}  # key -> the Dask lock this process holds
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        if self.is_lock_holder(key, holder):
+            return True
+        cluster = _dask_lock(key)
+        if cluster is not None and not cluster.acquire(timeout=acquire_timeout):
+            return False
+        if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout):
+            if cluster is not None:
+                cluster.release()
+            return False
+        if cluster is not None:
+            with self._mutex:
+                self._cluster[key] = cluster
+        return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, holder)
+        with self._mutex:
+            cluster = self._cluster.pop(key, None)
+        if cluster is not None:
+            cluster.release()
+
+    def is_locked(self, key: str) -> bool:
+        if super().is_locked(key):
+            return True
+        cluster = _dask_lock(key)
+        return cluster is not None and cluster.locked()

@@ -173,3 +173,33 @@ def test_points_that_train_on_a_gpu_each_hold_one_and_never_land_on_a_cpu_worker
     assert [(r.data.tags["chronomerge.dask_worker"], r.data.tags["chronomerge.cuda_visible_devices"])
             for r in runs] == [("gpu-0", "0")] * 2
     assert runs[0].info.end_time <= runs[1].info.start_time  # the GPU was never held by two points
+
+
+@pytest.mark.slow
+def test_workers_that_share_no_lock_folder_still_train_each_expert_once(project, tmp_path):
+    """Two workers that share the store and the Prefect records but each have their own PREFECT_HOME (so
+    their flock folders differ, as on two machines): the Dask scheduler's stage locks alone keep each
+    expert trained once."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from flows.sweep import worker_env
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    sweep = {"name": "machines", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
+    homes = {name: tmp_path / f"home-{name}" for name in ("a", "b")}
+    specs = {name: {"cls": Nanny, "options": {"nthreads": 1, "env": {**worker_env(), "PREFECT_HOME": str(home)}}}
+             for name, home in homes.items()}
+    environment = dict(os.environ)
+    try:
+        with SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c:
+            summary = sweep_flow(raw, sweep, project=str(project), runner="dask", address=c.scheduler_address)
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    assert not summary["failed"], summary["failed"]
+    assert summary["train_stages"] == 6 and summary["trainings_run"] == 3
+    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
+                              "tags.`chronomerge.sweep` = 'machines'")
+    assert sorted(r.data.tags["chronomerge.dask_worker"] for r in runs) == ["a", "b"]  # one point on each
+    assert all(list((home / "locks").glob("*.lock")) for home in homes.values())  # each took its own flocks
