@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -349,9 +350,7 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep)
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     raw = apply_overrides(raw or {}, args.set)
-    # Dask workers are other processes: they need a Prefect server they can reach, not this process's own
-    server = server_for_schedules() if args.runner == "dask" else None
-    try:
+    with _server_for_workers(args.runner):
         with booting():
             runs = points(raw, sweep)  # every point validated before anything runs
             gpus = local_gpus(args.runner, args.address, args.gpus)
@@ -362,13 +361,22 @@ def cmd_sweep(args) -> int:
             print(f"sweep {sweep['name']}: {len(runs)} runs, {where}")
         summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs, runner=args.runner,
                              address=args.address, gpus=gpus)
-    finally:
-        if server is not None:
-            server.terminate()
     folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
     print((folder / "summary.md").read_text())
     print(f"wrote {folder}/summary.md, summary.csv, plots/; {summary['wall_seconds']:.0f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _server_for_workers(runner: str):
+    """Dask workers are other processes: they need a Prefect server they can reach, not this process's
+    temporary one; one is started on loopback for the command when PREFECT_API_URL is unset."""
+    server = server_for_schedules() if runner == "dask" else None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 def cmd_report(args) -> int:
@@ -395,10 +403,12 @@ def _reproduce(args) -> int:
     if args.opcm_lengths and min(args.opcm_lengths) < 2:
         raise ValueError("--opcm-lengths: every length must be >= 2 (BWT needs two tasks)")
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
-    with booting():
-        from flows.reproduce import reproduce
-    path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set,
-                     opcm_lengths=tuple(args.opcm_lengths or ()))
+    with _server_for_workers(args.runner):
+        with booting():
+            from flows.reproduce import reproduce
+        path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set,
+                         opcm_lengths=tuple(args.opcm_lengths or ()), runner=args.runner, address=args.address,
+                         gpus=args.gpus)
     print(path.read_text())
     print(f"wrote {path}")
     return 0
@@ -428,6 +438,18 @@ def cmd_pretrain(args) -> int:
     atomic_write_bytes(path, json.dumps({"base": out["base"], "model": c["model"]}, indent=1).encode())
     print(f"base: {out['base']}")
     return 0
+
+
+def runner_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--runner, --address and --gpus: where a sweep's points run (flows/sweep.py)."""
+    parser.add_argument("--runner", choices=("threads", "dask"), default="threads",
+                        help=f"{prefix}where the points run: threads of this process (default), or Dask workers "
+                        "(prefect-dask)")
+    parser.add_argument("--address", metavar="ADDR", help=f"{prefix}an existing Dask scheduler (tcp://host:8786) for "
+                        "--runner dask; its workers need PREFECT_API_URL, the project's shared paths and the MLflow "
+                        "tracking URI")
+    parser.add_argument("--gpus", type=int, metavar="N", help=f"{prefix}GPUs of this machine for a local Dask cluster: "
+                        "one worker per GPU, each point holding one (default: every GPU torch sees)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -460,12 +482,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep file, e.g. sweeps/time-pairs.yaml")
     sw.add_argument("--workers", type=int, default=2, help="stream runs at once (default 2): threads, or the "
                     "worker processes of a local Dask cluster")
-    sw.add_argument("--runner", choices=("threads", "dask"), default="threads",
-                    help="where the points run: threads of this process (default), or Dask workers (prefect-dask)")
-    sw.add_argument("--address", metavar="ADDR", help="an existing Dask scheduler (tcp://host:8786) for --runner dask; "
-                    "its workers need PREFECT_API_URL, the project's shared paths and the MLflow tracking URI")
-    sw.add_argument("--gpus", type=int, metavar="N", help="GPUs of this machine for a local Dask cluster: one worker "
-                    "per GPU, each point holding one (default: every GPU torch sees)")
+    runner_options(sw)
     pipeline("status", cmd_status, "which tasks and stages are done, and what runs next")
     lg = pipeline("lineage", cmd_lineage, "the tree a checkpoint (or an MLflow run's deployed model) was made from")
     lg.add_argument("target", nargs="?", help="checkpoint id or a unique prefix of one (as git takes them), or an "
@@ -506,6 +523,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="with --reproduce: the task orders (stream.seed) to run (default: 0 1 2)")
     rp.add_argument("--workers", type=int, default=2, help="with --reproduce: stream runs at once (default 2)")
+    runner_options(rp, "with --reproduce: ")
     rp.add_argument("--opcm-lengths", type=int, nargs="+", metavar="T",
                     help="the OPCM setting's stream lengths (default: its Table 1's 8 14 20)")
     pipeline("prepare", cmd_prepare, "generate or check the datasets (DVC stage)")

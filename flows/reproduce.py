@@ -97,12 +97,14 @@ def experiments(seeds: list[int], opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) 
 
 
 def run_experiments(raw: dict, seeds: list[int], project: str, workers: int,
-                    opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> dict[str, list[dict]]:
+                    opcm_lengths: tuple[int, ...] = OPCM_LENGTHS, **where) -> dict[str, list[dict]]:
     """Run (or read from the cache) every experiment; returns name → per-point results, and under
-    "failed" the points that did not finish (a diverged merge or training) with their errors."""
+    "failed" the points that did not finish (a diverged merge or training) with their errors.
+    `where`: sweep_flow's runner, address and gpus (a local Dask cluster starts per experiment; an
+    existing scheduler at `address` serves them all)."""
     out: dict[str, list[dict]] = {"failed": []}
     for exp in experiments(seeds, opcm_lengths):
-        summary = sweep_flow(raw, exp, project=project, workers=workers)
+        summary = sweep_flow(raw, exp, project=project, workers=workers, **where)
         out[exp["name"]] = summary["results"]
         out["failed"] += [{**f, "experiment": exp["name"]} for f in summary["failed"]]
     return out
@@ -452,13 +454,14 @@ def write_reproduction(res: dict, found: list[dict], folder: Path, settings: dic
 
 
 def reproduce(raw: dict, seeds: list[int], project: str = ".", workers: int = 2, sets: list[str] = (),
-              opcm_lengths: tuple[int, ...] = OPCM_LENGTHS) -> Path:
-    """Run the experiments (profile, then `sets`) and write outputs/reproduce/reproduction.md."""
+              opcm_lengths: tuple[int, ...] = OPCM_LENGTHS, **where) -> Path:
+    """Run the experiments (profile, then `sets`) and write outputs/reproduce/reproduction.md; `where`
+    says where their points run (`run_experiments`)."""
     t0 = time.perf_counter()
     opcm_lengths = tuple(opcm_lengths) or OPCM_LENGTHS
     raw = apply_overrides(apply_overrides(raw, PROFILE), list(sets))
     cfg = validate(raw)
-    res = run_experiments(raw, seeds, project, workers, opcm_lengths)
+    res = run_experiments(raw, seeds, project, workers, opcm_lengths, **where)
     longest = max(cfg.stream.length, *opcm_lengths)
     orders = {s: [t.datasets[0] for t in build_stream(cfg.stream.kind, longest, s)] for s in seeds}
     _with_order(res, orders)
