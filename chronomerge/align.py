@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from chronomerge import faults, resume
 from chronomerge.data import Split
 from chronomerge.models import model_input, preprocess_of
+from chronomerge.train import gpu_slot
 
 PROJECTION = "visual.proj"
 
@@ -48,17 +49,18 @@ def align_projection(model: torch.nn.Module, reference: torch.nn.Module, split: 
             proj.copy_(saved["proj"])
         resume.load_optimizer_state(opt, saved, meta)
         resume.say_resumed("align", start, steps, checkpointing.folder)
-    for step in range(start, steps):
-        faults.point(f"{checkpointing.stage if checkpointing else 'align'}:step:{step}")
-        x = model_input(images[order[step * batch_size:(step + 1) * batch_size]].to(dev), pp)
-        with torch.no_grad():
-            target = reference.encode_image(x)
-        d = distance(model.encode_image(x), target)
-        opt.zero_grad(set_to_none=True)
-        d.backward()
-        opt.step()
-        if checkpointing is not None and step + 1 < steps and checkpointing.due(step + 1):
-            opt_tensors, opt_meta = resume.optimizer_state(opt)
-            checkpointing.save(step + 1, steps, {"proj": proj, **opt_tensors}, fp, opt_meta)
+    with gpu_slot(dev):  # the GPU is this training's until it ends
+        for step in range(start, steps):
+            faults.point(f"{checkpointing.stage if checkpointing else 'align'}:step:{step}")
+            x = model_input(images[order[step * batch_size:(step + 1) * batch_size]].to(dev), pp)
+            with torch.no_grad():
+                target = reference.encode_image(x)
+            d = distance(model.encode_image(x), target)
+            opt.zero_grad(set_to_none=True)
+            d.backward()
+            opt.step()
+            if checkpointing is not None and step + 1 < steps and checkpointing.due(step + 1):
+                opt_tensors, opt_meta = resume.optimizer_state(opt)
+                checkpointing.save(step + 1, steps, {"proj": proj, **opt_tensors}, fp, opt_meta)
     proj.requires_grad_(False)
     return proj.detach().cpu().clone()

@@ -83,7 +83,7 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     if cfg.mode != "clip" and head is None:
         from chronomerge.evaluate import text_head
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
-    with (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
+    with gpu_slot(dev), (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
         return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
                       head=head, progress=progress, ck=checkpointing)
 
@@ -91,6 +91,16 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
 # torch's forward-mode AD levels (and the attention fast-path switch) are process-global: linearized
 # trainings in threads of one process (a sweep's parallel runs) take turns.
 _FORWARD_AD = threading.Lock()
+
+# A training holds its GPU: trainings in threads of one process (a sweep's points on threads, or the
+# points a Dask worker runs at once with --points-per-gpu) take turns on it; merges and evaluations
+# share it with them.
+_GPU_TRAINING = threading.Lock()
+
+
+def gpu_slot(device: torch.device):
+    """The context a training on `device` runs in: the GPU's training lock on CUDA, nothing on the CPU."""
+    return _GPU_TRAINING if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _train(model, task, cfg, *, tokenizer, dev, replay_pool, previous, head, progress, ck) -> TrainResult:

@@ -354,13 +354,14 @@ def cmd_sweep(args) -> int:
         with booting():
             runs = points(raw, sweep)  # every point validated before anything runs
             gpus = local_gpus(args.runner, args.address, args.gpus)
+            at_once = gpus * args.points_per_gpu + max(args.workers - gpus, 0)
             where = (f"on the Dask scheduler at {args.address}" if args.address else
-                     f"{max(args.workers, gpus)} at a time" + (" on a local Dask cluster" if args.runner == "dask"
-                                                               else "")
-                     + (f", {gpus} of its workers with a GPU each" if gpus else ""))
+                     f"{at_once} at a time" + (" on a local Dask cluster" if args.runner == "dask" else "")
+                     + (f", {gpus} of its workers with a GPU each ({args.points_per_gpu} points per GPU)"
+                        if gpus else ""))
             print(f"sweep {sweep['name']}: {len(runs)} runs, {where}")
         summary = sweep_flow(raw, sweep, project=".", workers=args.workers, runs=runs, runner=args.runner,
-                             address=args.address, gpus=gpus)
+                             address=args.address, gpus=gpus, per_gpu=args.points_per_gpu)
     folder = Path(validate(raw).paths.outputs) / "sweeps" / sweep["name"]
     print((folder / "summary.md").read_text())
     print(f"wrote {folder}/summary.md, summary.csv, plots/; {summary['wall_seconds']:.0f} s")
@@ -408,7 +409,7 @@ def _reproduce(args) -> int:
             from flows.reproduce import reproduce
         path = reproduce(raw or {}, args.seeds, project=".", workers=args.workers, sets=args.set,
                          opcm_lengths=tuple(args.opcm_lengths or ()), runner=args.runner, address=args.address,
-                         gpus=args.gpus)
+                         gpus=args.gpus, per_gpu=args.points_per_gpu)
     print(path.read_text())
     print(f"wrote {path}")
     return 0
@@ -449,7 +450,9 @@ def runner_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         "--runner dask; its workers need PREFECT_API_URL, the project's shared paths and the MLflow "
                         "tracking URI")
     parser.add_argument("--gpus", type=int, metavar="N", help=f"{prefix}GPUs of this machine for a local Dask cluster: "
-                        "one worker per GPU, each point holding one (default: every GPU torch sees)")
+                        "one worker per GPU (default: every GPU torch sees)")
+    parser.add_argument("--points-per-gpu", type=int, default=1, metavar="K", help=f"{prefix}points a GPU runs at once "
+                        "on Dask (default 1): their trainings take turns on it, their merges and evaluations share it")
 
 
 def parser() -> argparse.ArgumentParser:

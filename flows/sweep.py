@@ -22,12 +22,13 @@ API, the store and MLflow through the settings it is given (`worker_env`), never
 A worker that dies mid-point has its point rerun by another (Dask reschedules it): the stages it
 finished are cached and the training it was in resumes at its progress checkpoint.
 
-GPUs: a point holds one GPU for its whole stream (its stages run one after another, the merges and
-evaluations on the GPU its training used). On Dask it asks the scheduler for the abstract resource
-`GPU: 1` (`point_resources`) when its `device` is `cuda`, or `auto` on a local cluster with GPUs; a
-worker offers `GPU: 1` per GPU it owns (`local_cluster`: one worker per GPU of this machine, each seeing
-only its own through CUDA_VISIBLE_DEVICES; on a cluster of your own, `dask worker --resources GPU=1`).
-So a GPU is never shared by two points, and CPU-only workers never get a GPU point.
+GPUs: a worker offers the abstract resource `GPU: 1` per GPU it owns (`local_cluster`: one worker per
+GPU of this machine, each seeing only its own through CUDA_VISIBLE_DEVICES; on a cluster of your own,
+`dask worker --resources GPU=1`), and a point that trains on a GPU (`device: cuda`, or `auto` on a
+local cluster with GPUs) asks for 1/K of one (`point_resources`, K = `per_gpu`, default 1), so CPU-only
+workers never get a GPU point. Within a worker, K points run in threads and their training stages
+take turns on the GPU (`chronomerge.train.gpu_slot`: a training holds it) while their merges and
+evaluations share it. K = 1: a point has its GPU to itself.
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def worker_env() -> dict[str, str]:
                   "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value())}
 
 
-def task_runner(runner: str, workers: int, address: str | None = None, gpus: int = 0) -> TaskRunner:
+def task_runner(runner: str, workers: int, address: str | None = None, gpus: int = 0,
+                per_gpu: int = 1) -> TaskRunner:
     """The task runner that runs a sweep's points: `workers` threads, a local Dask cluster
     (`local_cluster`), or the Dask scheduler at `address` (whose workers are configured by their owner)."""
     if runner not in RUNNERS:
@@ -129,23 +131,25 @@ def task_runner(runner: str, workers: int, address: str | None = None, gpus: int
         if gpus:
             raise ConfigError("--gpus lays out a local cluster: the workers at --address offer their own GPUs")
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster(workers, gpus))
+    return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster(workers, gpus, per_gpu))
 
 
-def local_cluster(workers: int, gpus: int) -> dict:
-    """SpecCluster arguments for a local Dask cluster of max(workers, gpus) single-threaded worker
-    processes: the first `gpus` each own one GPU (CUDA_VISIBLE_DEVICES=i, resource GPU=1), the rest none
-    (CUDA_VISIBLE_DEVICES empty). Every worker gets `worker_env`."""
+def local_cluster(workers: int, gpus: int, per_gpu: int = 1) -> dict:
+    """SpecCluster arguments for a local Dask cluster of max(workers, gpus) worker processes: the first
+    `gpus` each own one GPU (CUDA_VISIBLE_DEVICES=i, resource GPU=1) and run `per_gpu` points at once
+    in threads, the rest own none (CUDA_VISIBLE_DEVICES empty) and run one. Every worker gets
+    `worker_env`."""
     from distributed import Nanny, Scheduler
 
-    if gpus < 0 or workers < 1:
-        raise ConfigError(f"--workers must be >= 1 and --gpus >= 0 (got {workers} and {gpus})")
+    if gpus < 0 or workers < 1 or per_gpu < 1:
+        raise ConfigError(f"--workers and --points-per-gpu must be >= 1 and --gpus >= 0 "
+                          f"(got {workers}, {per_gpu} and {gpus})")
     env = worker_env()
     specs = {}
     for i in range(max(workers, gpus)):
         gpu = i < gpus
         specs[f"{'gpu' if gpu else 'cpu'}-{i}"] = {"cls": Nanny, "options": {
-            "nthreads": 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(i) if gpu else ""},
+            "nthreads": per_gpu if gpu else 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(i) if gpu else ""},
             **({"resources": {"GPU": 1}} if gpu else {})}}
     return {"workers": specs, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}}}
 
@@ -158,13 +162,13 @@ def local_gpus(runner: str, address: str | None, gpus: int | None) -> int:
     return torch.cuda.device_count() if runner == "dask" and not address else 0
 
 
-def point_resources(config: Config, runner: str, address: str | None, gpus: int) -> dict:
-    """What a point asks the Dask scheduler for: one GPU when it trains on one (`device: cuda`, or `auto`
-    on a local cluster with GPUs); nothing otherwise, and nothing on threads."""
+def point_resources(config: Config, runner: str, address: str | None, gpus: int, per_gpu: int = 1) -> dict:
+    """What a point asks the Dask scheduler for: 1/`per_gpu` of a GPU when it trains on one (`device:
+    cuda`, or `auto` on a local cluster with GPUs); nothing otherwise, and nothing on threads."""
     if runner != "dask":
         return {}
     wants = config.device == "cuda" or (config.device == "auto" and not address and gpus > 0)
-    return {"GPU": 1} if wants else {}
+    return {"GPU": 1 / per_gpu} if wants else {}
 
 
 @task(name="sweep point", cache_policy=NO_CACHE, persist_result=False,
@@ -203,15 +207,15 @@ def _dask_worker() -> dict:
 
 def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, quiet: bool = True,
                runs: list[tuple[dict, Config]] | None = None, runner: str = "threads",
-               address: str | None = None, gpus: int | None = None) -> dict:
+               address: str | None = None, gpus: int | None = None, per_gpu: int = 1) -> dict:
     """Run every point of `sweep` over the raw params `raw`; returns the comparison summary.
     `runs` are the sweep's `points`, when the caller has validated them already; `runner`, `workers`,
-    `address` and `gpus` say where the points run (`task_runner`, `point_resources`)."""
+    `address`, `gpus` and `per_gpu` say where the points run (`task_runner`, `point_resources`)."""
     runs = points(raw, sweep) if runs is None else runs
     gpus = local_gpus(runner, address, gpus)
-    resources = [point_resources(config, runner, address, gpus) for _, config in runs]
+    resources = [point_resources(config, runner, address, gpus, per_gpu) for _, config in runs]
     with _environment_kept():
-        return _sweep.with_options(task_runner=task_runner(runner, workers, address, gpus))(
+        return _sweep.with_options(task_runner=task_runner(runner, workers, address, gpus, per_gpu))(
             raw, sweep, project, quiet, runs, resources)
 
 

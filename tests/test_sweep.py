@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -106,19 +107,48 @@ def test_runner_options_are_checked(project):
         task_runner("threads", 2, gpus=1)
     with pytest.raises(ConfigError, match="--gpus lays out a local cluster"):
         task_runner("dask", 2, "tcp://127.0.0.1:8786", gpus=1)
-    with pytest.raises(ConfigError, match="--workers must be >= 1 and --gpus >= 0"):
+    with pytest.raises(ConfigError, match="--workers and --points-per-gpu must be >= 1 and --gpus >= 0"):
         task_runner("dask", 2, gpus=-1)
+    with pytest.raises(ConfigError, match=r"\(got 2, 0 and 1\)"):
+        task_runner("dask", 2, gpus=1, per_gpu=0)
 
 
-@pytest.mark.parametrize("device,runner,address,gpus,asks", [
-    ("cuda", "dask", "tcp://h:8786", 0, {"GPU": 1}),  # a GPU point on someone's cluster asks for a GPU worker
-    ("auto", "dask", "tcp://h:8786", 0, {}),  # ... an `auto` one runs wherever it lands
-    ("auto", "dask", None, 2, {"GPU": 1}),  # a local cluster with GPUs: `auto` trains on one
-    ("auto", "dask", None, 0, {}),
-    ("cpu", "dask", None, 2, {}),  # a CPU point leaves the GPUs to others
-    ("cuda", "threads", None, 0, {}),  # threads share this process's devices: nothing to ask
+@pytest.mark.parametrize("device,runner,address,gpus,per_gpu,asks", [
+    ("cuda", "dask", "tcp://h:8786", 0, 1, {"GPU": 1}),  # a GPU point on someone's cluster asks for a GPU worker
+    ("auto", "dask", "tcp://h:8786", 0, 1, {}),  # ... an `auto` one runs wherever it lands
+    ("auto", "dask", None, 2, 1, {"GPU": 1}),  # a local cluster with GPUs: `auto` trains on one
+    ("auto", "dask", None, 2, 4, {"GPU": 0.25}),  # four points share a GPU
+    ("auto", "dask", None, 0, 1, {}),
+    ("cpu", "dask", None, 2, 1, {}),  # a CPU point leaves the GPUs to others
+    ("cuda", "threads", None, 0, 1, {}),  # threads share this process's devices: nothing to ask
 ])
-def test_a_point_asks_for_a_gpu_when_it_trains_on_one(device, runner, address, gpus, asks):
+def test_a_point_asks_for_a_gpu_when_it_trains_on_one(device, runner, address, gpus, per_gpu, asks):
     from flows.sweep import point_resources
 
-    assert point_resources(validate({"device": device}), runner, address, gpus) == asks
+    assert point_resources(validate({"device": device}), runner, address, gpus, per_gpu) == asks
+
+
+def test_a_local_cluster_gives_each_gpu_a_worker_running_k_points():
+    from flows.sweep import local_cluster
+
+    specs = local_cluster(workers=3, gpus=2, per_gpu=4)["workers"]
+    got = {name: (s["options"]["nthreads"], s["options"]["env"]["CUDA_VISIBLE_DEVICES"], s["options"].get("resources"))
+           for name, s in specs.items()}
+    assert got == {"gpu-0": (4, "0", {"GPU": 1}), "gpu-1": (4, "1", {"GPU": 1}), "cpu-2": (1, "", None)}
+
+
+def test_trainings_on_one_gpu_take_turns_and_cpu_trainings_do_not():
+    """`gpu_slot` is the GPU's training lock (no GPU is touched: it only orders threads)."""
+    import threading
+
+    from chronomerge.train import gpu_slot
+
+    cuda, got = torch.device("cuda"), []
+    with gpu_slot(cuda):
+        other = threading.Thread(target=lambda: got.append(gpu_slot(cuda).acquire(timeout=0.2)))
+        other.start()
+        other.join()
+    assert got == [False]  # a second training found the GPU taken
+    assert gpu_slot(cuda).acquire(timeout=0.2)  # and it is free once the first has ended
+    gpu_slot(cuda).release()
+    assert gpu_slot(torch.device("cpu")) is not gpu_slot(cuda) and not hasattr(gpu_slot(torch.device("cpu")), "acquire")
