@@ -81,24 +81,48 @@ def mlflow_server(tmp_path, s3_server):
         yield uri
 
 
+@contextlib.contextmanager
+def two_machines(tmp_path: Path):
+    """A Dask cluster of two worker processes, "a" and "b", that share the store and the Prefect records
+    but each have their own PREFECT_HOME, so their flock folders differ as on two machines; yields the
+    scheduler's address and the two homes."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from flows.sweep import worker_env
+
+    homes = {name: tmp_path / f"home-{name}" for name in ("a", "b")}
+    specs = {name: {"cls": Nanny, "options": {"nthreads": 1, "env": {**worker_env(), "PREFECT_HOME": str(home)}}}
+             for name, home in homes.items()}
+    environment = dict(os.environ)  # the nannies write their workers' variables into this process's
+    try:
+        with SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c:
+            yield c.scheduler_address, homes
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 @pytest.mark.slow
-def test_a_dask_sweep_tracked_to_an_mlflow_server_trains_each_expert_once(project, mlflow_server, s3_server,
-                                                                          tmp_path):
+def test_a_dask_sweep_across_two_machines_trains_each_expert_once_tracked_to_an_mlflow_server(
+        project, mlflow_server, s3_server, tmp_path):
+    """Two workers with no shared lock folder: the Dask scheduler's stage locks alone keep each expert
+    trained once (six trainings without them). Everything is tracked to the MLflow server, whose
+    artifacts live in the S3-compatible server."""
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["tracking"]["mlflow_uri"] = mlflow_server
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     sweep = {"name": "dask", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
-    environment = dict(os.environ)
-    summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask")
+    with two_machines(tmp_path) as (address, homes):
+        summary = sweep_flow(raw, sweep, project=str(project), runner="dask", address=address)
     assert summary["points"] == 2 and not summary["failed"], summary["failed"]
-    # the nannies' OMP_NUM_THREADS=1 & co. do not stay in this process (its later subprocesses inherit it)
-    assert dict(os.environ) == environment
     # deploy differs, init and training do not: 3 experts for 6 train stages, across two processes
     assert summary["train_stages"] == 6 and summary["trainings_run"] == 3
+    assert all(list((home / "locks").glob("*.lock")) for home in homes.values())  # each took its own flocks
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
                               "tags.`chronomerge.sweep` = 'dask'")
-    assert len(runs) == 2 and all(int(r.data.tags["chronomerge.pid"]) != os.getpid() for r in runs)
+    assert sorted(r.data.tags["chronomerge.dask_worker"] for r in runs) == ["a", "b"]  # one point on each
+    assert all(int(r.data.tags["chronomerge.pid"]) != os.getpid() for r in runs)
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()  # all on the server
     ema = next(r for r in summary["results"] if r["point"] == "deploy.mode=ema")
     alone = stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
@@ -143,7 +167,10 @@ def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(pr
     sweep = {"name": "killed", "base": {}, "grid": {"strategy.deploy.mode": ["ema"]}}
     monkeypatch.setenv("CHRONOMERGE_KILL_AT", "train:step:3")  # the workers' environment (sweep.worker_env)
     monkeypatch.setenv("CHRONOMERGE_KILL_ONCE", str(tmp_path / "killed-once"))
+    environment = dict(os.environ)
     summary = sweep_flow(raw, sweep, project=str(project), workers=2, runner="dask", gpus=1)
+    # the nannies' OMP_NUM_THREADS=1 & co. do not stay in this process (its later subprocesses inherit it)
+    assert dict(os.environ) == environment
     monkeypatch.delenv("CHRONOMERGE_KILL_AT")
     assert (tmp_path / "killed-once").exists()  # a worker did die there
     assert not summary["failed"], summary["failed"]
@@ -161,33 +188,3 @@ def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(pr
     run = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"]).get_run(point["run_id"])
     assert (run.data.tags["chronomerge.dask_worker"], run.data.tags["chronomerge.cuda_visible_devices"]) == \
         ("gpu-0", "0")
-
-
-@pytest.mark.slow
-def test_workers_that_share_no_lock_folder_still_train_each_expert_once(project, tmp_path):
-    """Two workers that share the store and the Prefect records but each have their own PREFECT_HOME (so
-    their flock folders differ, as on two machines): the Dask scheduler's stage locks alone keep each
-    expert trained once."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
-    from flows.sweep import worker_env
-
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    sweep = {"name": "machines", "base": {}, "grid": {"strategy.deploy.mode": ["ft", "ema"]}}
-    homes = {name: tmp_path / f"home-{name}" for name in ("a", "b")}
-    specs = {name: {"cls": Nanny, "options": {"nthreads": 1, "env": {**worker_env(), "PREFECT_HOME": str(home)}}}
-             for name, home in homes.items()}
-    environment = dict(os.environ)
-    try:
-        with SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c:
-            summary = sweep_flow(raw, sweep, project=str(project), runner="dask", address=c.scheduler_address)
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
-    assert not summary["failed"], summary["failed"]
-    assert summary["train_stages"] == 6 and summary["trainings_run"] == 3
-    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
-                              "tags.`chronomerge.sweep` = 'machines'")
-    assert sorted(r.data.tags["chronomerge.dask_worker"] for r in runs) == ["a", "b"]  # one point on each
-    assert all(list((home / "locks").glob("*.lock")) for home in homes.values())  # each took its own flocks

@@ -23,21 +23,30 @@ def cli(project: Path, api: str, *args: str, script: str | None = None,
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture
-def reference(project):
-    """The deployed hash and metrics of the same stream run without interruption (another project)."""
+def run_uninterrupted(folder: Path, seeded_project: Path, sets: list[str]) -> tuple[dict, dict]:
+    """The TINY stream with `sets`, run without interruption in a project of its own at `folder` (this
+    process): its summary and metrics.json."""
     import shutil
 
+    import yaml
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    ref = project / "reference"
-    ref.mkdir()
+    from tests.conftest import TINY_PARAMS
+
     for d in ("data", "store"):
-        shutil.copytree(project / d, ref / d)
-    cfg = load_config(project / "params.yaml", [f"tracking.mlflow_uri=sqlite:///{ref}/mlflow.db"])
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ref / ".prefect" / "storage"}):
-        summary = stream_flow(cfg, project=str(ref), quiet=True)
-    return summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text())
+        shutil.copytree(seeded_project / d, folder / d)
+    (folder / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    cfg = load_config(folder / "params.yaml", [*sets, f"tracking.mlflow_uri=sqlite:///{folder}/mlflow.db"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: folder / ".prefect" / "storage"}):
+        summary = stream_flow(cfg, project=str(folder), quiet=True)
+    return summary, json.loads((folder / "outputs" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, seeded_project):
+    """The deployed hash and metrics of the TINY stream run without interruption (another project)."""
+    summary, metrics = run_uninterrupted(tmp_path_factory.mktemp("reference"), seeded_project, [])
+    return summary["deployed"], metrics
 
 
 @pytest.mark.slow
@@ -111,25 +120,11 @@ LONGER = ["pretrain.steps=24", "train.steps=8", "resume.every_steps=3"]
 def uninterrupted(tmp_path_factory, seeded_project):
     """Deployed id, metrics and expert ids of the LONGER stream run without interruption, and without
     progress checkpoints (another project)."""
-    import shutil
-
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-
     ref = tmp_path_factory.mktemp("uninterrupted")
-    for d in ("data", "store"):
-        shutil.copytree(seeded_project / d, ref / d)
-    import yaml
-
-    from tests.conftest import TINY_PARAMS
-
-    (ref / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    cfg = load_config(ref / "params.yaml", [*LONGER, "resume.every_steps=null", "resume.every_seconds=null",
-                                            f"tracking.mlflow_uri=sqlite:///{ref}/mlflow.db"])
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ref / ".prefect" / "storage"}):
-        summary = stream_flow(cfg, project=str(ref), quiet=True)
+    summary, metrics = run_uninterrupted(ref, seeded_project,
+                                         [*LONGER, "resume.every_steps=null", "resume.every_seconds=null"])
     history = json.loads((ref / "outputs" / "history.json").read_text())
-    return (summary["deployed"], json.loads((ref / "outputs" / "metrics.json").read_text()),
-            [s["checkpoints"]["expert"] for s in history["steps"]])
+    return summary["deployed"], metrics, [s["checkpoints"]["expert"] for s in history["steps"]]
 
 
 @pytest.mark.slow
