@@ -8,7 +8,8 @@ from chronomerge.models import create_model
 
 def pytest_collection_modifyitems(items):
     """The tests marked slow run first (a stable sort): started last, one would keep a single
-    pytest-xdist worker busy after the other has finished."""
+    pytest-xdist worker busy after the other has finished (scripts/test.sh hands them out two at a
+    time, so both workers get their share)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
