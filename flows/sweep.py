@@ -52,6 +52,7 @@ from chronomerge.config import Config, ConfigError, dotted, validate, with_value
 from chronomerge.report import METRICS, SUMMARY, pct
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
+from tasks.locks import dask_worker
 from tasks.tracking import Tracker
 
 
@@ -195,11 +196,7 @@ def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict,
 
 def _dask_worker() -> dict:
     """MLflow tags naming the Dask worker running this point and the GPUs it sees (none off Dask)."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
+    if (worker := dask_worker()) is None:
         return {}
     return {"chronomerge.dask_worker": worker.name if isinstance(worker.name, str) else worker.address,
             "chronomerge.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
@@ -214,13 +211,13 @@ def sweep_flow(raw: dict, sweep: dict, project: str = ".", workers: int = 2, qui
     runs = points(raw, sweep) if runs is None else runs
     gpus = local_gpus(runner, address, gpus)
     resources = [point_resources(config, runner, address, gpus, per_gpu) for _, config in runs]
-    with _environment_kept():
+    with environment_kept():
         return _sweep.with_options(task_runner=task_runner(runner, workers, address, gpus, per_gpu))(
             raw, sweep, project, quiet, runs, resources)
 
 
 @contextlib.contextmanager
-def _environment_kept():
+def environment_kept():
     """Put this process's environment back as it was: a local Dask cluster's nannies write their workers'
     pre-spawn variables (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, PYTHONHASHSEED, ...) into the *parent's*
     `os.environ` before each spawn, and every later subprocess would inherit them (a CLI run on 1 torch

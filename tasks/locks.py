@@ -110,14 +110,22 @@ class ProcessLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
-def _dask_lock(key: str):
-    """The Dask scheduler's lock named for `key` when this process is a Dask worker, else None."""
+def dask_worker():
+    """The Dask worker this process is, or None (not on Dask, or distributed not installed)."""
     try:
-        from distributed import Lock, get_worker
+        from distributed import get_worker
 
-        get_worker()
+        return get_worker()
     except (ImportError, ValueError):
         return None
+
+
+def _dask_lock(key: str):
+    """The Dask scheduler's lock named for `key` when this process is a Dask worker, else None."""
+    if dask_worker() is None:
+        return None
+    from distributed import Lock
+
     return Lock(f"chronomerge-stage-{key}")
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,24 @@ def make_image_folder(root, classes=("red", "green", "blue"), n=6, size=(48, 40)
             img = np.clip(np.array(COLOURS[c], np.float32) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
             Image.fromarray(img.astype(np.uint8)).save(root / c / f"{i}.png")
     return root
+
+
+def run_uninterrupted(folder: Path, seeded_project: Path, sets: list[str]) -> tuple[dict, dict]:
+    """The TINY stream with `sets`, run without interruption in a project of its own at `folder` (this
+    process): its summary and metrics.json."""
+    import json
+    import shutil
+
+    import yaml
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from chronomerge.config import load_config
+    from flows.stream import stream_flow
+
+    for d in ("data", "store"):
+        shutil.copytree(seeded_project / d, folder / d)
+    (folder / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    cfg = load_config(folder / "params.yaml", [*sets, f"tracking.mlflow_uri=sqlite:///{folder}/mlflow.db"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: folder / ".prefect" / "storage"}):
+        summary = stream_flow(cfg, project=str(folder), quiet=True)
+    return summary, json.loads((folder / "outputs" / "metrics.json").read_text())

@@ -4,7 +4,6 @@ loopback."""
 import contextlib
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from chronomerge.config import load_config
 from chronomerge.export import export_open_clip
@@ -24,6 +22,7 @@ from flows.prefect_server import wait_healthy
 from flows.stream import stream_flow
 from flows.sweep import sweep_flow
 from tasks.tracking import register_promotion
+from tests.conftest import run_uninterrupted
 
 
 def free_port() -> int:
@@ -83,23 +82,19 @@ def mlflow_server(tmp_path, s3_server):
 
 @contextlib.contextmanager
 def two_machines(tmp_path: Path):
-    """A Dask cluster of two worker processes, "a" and "b", that share the store and the Prefect records
-    but each have their own PREFECT_HOME, so their flock folders differ as on two machines; yields the
-    scheduler's address and the two homes."""
-    from distributed import Nanny, Scheduler, SpecCluster
+    """A local Dask cluster of two worker processes (`local_cluster`) that share the store and the Prefect
+    records but each have their own PREFECT_HOME, so their flock folders differ as on two machines;
+    yields the scheduler's address and the two homes."""
+    from distributed import SpecCluster
 
-    from flows.sweep import worker_env
+    from flows.sweep import environment_kept, local_cluster
 
-    homes = {name: tmp_path / f"home-{name}" for name in ("a", "b")}
-    specs = {name: {"cls": Nanny, "options": {"nthreads": 1, "env": {**worker_env(), "PREFECT_HOME": str(home)}}}
-             for name, home in homes.items()}
-    environment = dict(os.environ)  # the nannies write their workers' variables into this process's
-    try:
-        with SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c:
-            yield c.scheduler_address, homes
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
+    spec = local_cluster(workers=2, gpus=0)
+    homes = {name: tmp_path / f"home-{name}" for name in spec["workers"]}
+    for name, home in homes.items():
+        spec["workers"][name]["options"]["env"]["PREFECT_HOME"] = str(home)
+    with environment_kept(), SpecCluster(**spec) as cluster:  # the nannies write into this process's environment
+        yield cluster.scheduler_address, homes
 
 
 @pytest.mark.slow
@@ -121,7 +116,7 @@ def test_a_dask_sweep_across_two_machines_trains_each_expert_once_tracked_to_an_
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
                               "tags.`chronomerge.sweep` = 'dask'")
-    assert sorted(r.data.tags["chronomerge.dask_worker"] for r in runs) == ["a", "b"]  # one point on each
+    assert sorted(r.data.tags["chronomerge.dask_worker"] for r in runs) == sorted(homes)  # one point on each
     assert all(int(r.data.tags["chronomerge.pid"]) != os.getpid() for r in runs)
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()  # all on the server
     ema = next(r for r in summary["results"] if r["point"] == "deploy.mode=ema")
@@ -155,7 +150,8 @@ def test_a_dask_sweep_across_two_machines_trains_each_expert_once_tracked_to_an_
 
 
 @pytest.mark.slow
-def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(project, tmp_path, monkeypatch):
+def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(project, seeded_project, tmp_path,
+                                                                               monkeypatch):
     """SIGKILL the worker process running a point inside an expert's training (once: the rerun goes
     through): Dask reruns the point, which resumes at the training's progress checkpoint and ends at the
     deployed id of an uninterrupted run. The cluster is laid out for one GPU and two workers (`--workers 2
@@ -177,11 +173,8 @@ def test_a_dask_worker_killed_mid_training_is_survived_with_identical_results(pr
     (point,) = summary["results"]
     # the same stream computed from scratch in this process (fresh Prefect records: every stage runs)
     reference = tmp_path / "reference"
-    for d in ("data", "store"):
-        shutil.copytree(project / d, reference / d)
-    cfg = load_config(project / "params.yaml", [f"tracking.mlflow_uri=sqlite:///{reference}/m.db"])
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: reference / ".prefect" / "storage"}):
-        alone = stream_flow(cfg, project=str(reference), quiet=True)
+    reference.mkdir()
+    alone, _ = run_uninterrupted(reference, seeded_project, [])
     assert all(s["status"] == "computed" for s in alone["stages"])
     assert alone["deployed"] == point["deployed"]
     assert list((project / "store" / "progress").iterdir()) == []

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from chronomerge.config import load_config
 from flows.cli import main
-from flows.stream import stream_flow
+from tests.conftest import run_uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,25 +20,6 @@ def cli(project: Path, api: str, *args: str, script: str | None = None,
            "PREFECT_HOME": str(project / ".prefect"), **(env or {})}
     cmd = [sys.executable, script, *args] if script else [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-
-
-def run_uninterrupted(folder: Path, seeded_project: Path, sets: list[str]) -> tuple[dict, dict]:
-    """The TINY stream with `sets`, run without interruption in a project of its own at `folder` (this
-    process): its summary and metrics.json."""
-    import shutil
-
-    import yaml
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-
-    from tests.conftest import TINY_PARAMS
-
-    for d in ("data", "store"):
-        shutil.copytree(seeded_project / d, folder / d)
-    (folder / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    cfg = load_config(folder / "params.yaml", [*sets, f"tracking.mlflow_uri=sqlite:///{folder}/mlflow.db"])
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: folder / ".prefect" / "storage"}):
-        summary = stream_flow(cfg, project=str(folder), quiet=True)
-    return summary, json.loads((folder / "outputs" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
