@@ -27,14 +27,19 @@ import threading
 import time
 from pathlib import Path
 
-import tasks  # noqa: F401  (Prefect's environment defaults, set before anything imports Prefect)
-from chronomerge import cli as core_cli
-from chronomerge.config import ConfigError, TrainSection, load_config, validate
-from chronomerge.lineage import lineage_lines
-from chronomerge.report import scores_line
-from chronomerge.statedict import CorruptCheckpointError
-from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes
-from flows.prefect_server import booting, reap_orphans, server_for_schedules, stop_all
+from flows.interrupt import interrupted
+
+if __name__ == "__main__":  # `python -m flows.cli`: like the console script, Ctrl-C is handled from here on
+    signal.signal(signal.SIGINT, interrupted)
+
+import tasks  # noqa: E402, F401  (Prefect's environment defaults, set before anything imports Prefect)
+from chronomerge import cli as core_cli  # noqa: E402
+from chronomerge.config import ConfigError, TrainSection, load_config, validate  # noqa: E402
+from chronomerge.lineage import lineage_lines  # noqa: E402
+from chronomerge.report import scores_line  # noqa: E402
+from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
+from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes  # noqa: E402
+from flows.prefect_server import booting, reap_orphans, server_for_schedules  # noqa: E402
 
 # Errors that are failures of a run (exit 1), though they are ValueErrors like a user's bad input (exit 2).
 FAILURES = (NonFiniteError, CorruptCheckpointError)
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     # nothing of its database set-up. Our own lines say what happens.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    previous = signal.signal(signal.SIGINT, _interrupted) if threading.current_thread() is threading.main_thread() \
+    previous = signal.signal(signal.SIGINT, interrupted) if threading.current_thread() is threading.main_thread() \
         else None
     try:
         return args.fn(args)
@@ -561,17 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-
-
-def _interrupted(signum, frame) -> None:
-    """Ctrl-C: stop at once, as a kill would. Every write is atomic and stage locks go with the process,
-    so rerunning the command resumes (the MLflow run left RUNNING is marked KILLED then). Waiting for
-    Prefect to report the interrupted task to its temporary server, which the terminal's Ctrl-C has
-    stopped too, would hang and print pages of retries."""
-    sys.stdout.flush()
-    print("interrupted: rerun the same command to resume (finished stages are cached)", file=sys.stderr, flush=True)
-    stop_all()
-    os._exit(130)
 
 
 def error_line(e: BaseException) -> str:

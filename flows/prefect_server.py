@@ -131,9 +131,9 @@ def server_for_schedules() -> subprocess.Popen | None:
 
 def stop_all() -> None:
     """Stop every Prefect server this process started (an interrupted command leaves none behind)."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    temporary = [s.server_process for s in list(SubprocessASGIServer._instances.values())]
+    server = sys.modules.get("prefect.server.api.server")  # not imported yet: it started no server
+    instances = server.SubprocessASGIServer._instances.values() if server is not None else ()
+    temporary = [s.server_process for s in list(instances)]
     for process in [*temporary, *_STARTED]:
         if process is not None and process.poll() is None:
             process.terminate()

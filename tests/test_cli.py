@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -79,12 +80,13 @@ def test_exit_codes_say_what_went_wrong_in_one_line(project, prefect_api):
     assert line.count("diverged") == 1 and line.endswith("(--debug shows the traceback)")
 
 
-def test_ctrl_c_stops_at_once_with_exit_130_and_the_rerun_resumes(project, prefect_api):
+@pytest.mark.parametrize("after", [1, 20], ids=["while-starting", "inside-training"])
+def test_ctrl_c_stops_at_once_with_exit_130_and_the_rerun_resumes(project, prefect_api, after):
     import signal
     import time
 
     run = _cli(project, prefect_api, "run", "--set", "train.steps=4000")
-    time.sleep(20)  # inside the first task's training
+    time.sleep(after)  # 1 s: still importing torch and Prefect; 20 s: inside the first task's training
     assert run.poll() is None
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
