@@ -1,0 +1,177 @@
+"""Why does averaging keep so little of the experts' gain? One seed, one fine-tuning recipe.
+
+    python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...]
+        [--logit-scale 100] [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
+
+For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
+same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
+
+  gain_mean, gain_min    each expert's own-task score minus the base's
+  a_zs_drop_mean         the base's A_ZS minus one expert's, mean over the K experts
+  keep_avg, keep_ta      averaging the K experts / task arithmetic (λ 0.3): share of their mean gain kept
+  keep_alone             each expert alone at θ0 + τ/K, where averaging puts it: the share kept without
+                         any interference from the others (averaging's ceiling; 1/K if gain grows
+                         linearly along τ)
+  keep_multitask         (--multitask) one model trained on the K tasks' data at once (K × the steps):
+                         can the architecture hold the K tasks together?
+  probe_base, probe_expert
+                         (--probe) per task, a logistic-regression probe on the base's / the expert's image
+                         features, against the expert's zero-shot score: are the features already there?
+  crossing             per classification task, over the test images the expert fixes: the median
+                         zero-shot deficit (best wrong class's cosine minus the true class's), the
+                         median expert margin (the reverse), and the median α where mixing the two
+                         models' cosines, (1 − α)·zero-shot + α·expert, turns right: small when experts
+                         are far more confident than zero-shot is wrong (WiSE-FT's concave curves)
+  --logit-scale S        sets θ0's logit scale to S before fine-tuning (zero-shot accuracy is unchanged:
+                         argmax does not see the scale; the fine-tuning loss's temperature does)
+Every keep_* is a ratio of means (`benchmark_properties._share`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_properties import _share  # noqa: E402
+
+from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
+from chronomerge.config import load_config  # noqa: E402
+from chronomerge.data import catalog, load_split, prepare  # noqa: E402
+from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
+from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
+from chronomerge.merge import merge  # noqa: E402
+from chronomerge.models import get_tokenizer, load_model  # noqa: E402
+from chronomerge.store import CheckpointStore  # noqa: E402
+from chronomerge.train import train  # noqa: E402
+
+RECORD: dict = {}  # what a lever script changed, recorded in the result line (bench/temperature_lever.py)
+
+
+def probe(model, train_split, test_split) -> float | None:
+    """Test accuracy of a logistic regression on the model's normalised image features (classification sets)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if train_split.kind != "classification":
+        return None
+    features = encode_images(model, train_split.images, "cpu").numpy()
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(features, train_split.labels)
+    return float(clf.score(encode_images(model, test_split.images, "cpu").numpy(), test_split.labels))
+
+
+def margins(model, tokenizer, split) -> np.ndarray:
+    """Per test image: the true class's cosine minus the best other class's (the model's own text head)."""
+    head = text_head(model, tokenizer, split.classes, split.templates, "cpu")
+    sims = (encode_images(model, split.images, "cpu") @ head).numpy()
+    rows = np.arange(len(split.labels))
+    true = sims[rows, split.labels].copy()
+    sims[rows, split.labels] = -np.inf
+    return true - sims.max(1)
+
+
+def crossing(base, expert, tokenizer, split) -> dict | None:
+    """Where the expert's gain comes from (see `crossing` in the module docstring)."""
+    if split.kind != "classification":
+        return None
+    m0, m1 = margins(base, tokenizer, split), margins(expert, tokenizer, split)
+    fixed = (m0 < 0) & (m1 > 0)
+    if not fixed.any():
+        return None
+    return {"fixed": int(fixed.sum()), "zs_deficit": round(float(np.median(-m0[fixed])), 4),
+            "expert_margin": round(float(np.median(m1[fixed])), 4),
+            "alpha": round(float(np.median(-m0[fixed] / (m1[fixed] - m0[fixed]))), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="data")
+    p.add_argument("--store", default="store")
+    p.add_argument("--tasks", type=int, default=8, help="K, the first K tasks of the default stream")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* override")
+    p.add_argument("--logit-scale", type=float, help="θ0's logit scale before fine-tuning (learnt: as pretrained)")
+    p.add_argument("--multitask", action="store_true", help="also train one model on the K tasks at once")
+    p.add_argument("--probe", action="store_true", help="also fit linear probes on base and expert features")
+    p.add_argument("--out", help="append the JSON line to this file")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    prepare(args.data, args.seed)
+    store = CheckpointStore(args.store)
+    base_id = ensure_base(store, args.data, args.seed, cfg=PRETRAIN)
+    base = load_model(store, base_id)
+    if args.logit_scale is not None:
+        base.logit_scale.data.fill_(math.log(args.logit_scale))
+    tok = get_tokenizer()
+    cfg = load_config(None, args.set).train.model_copy(update={"seed": args.seed})
+    k = args.tasks
+    tasks = build_stream("dataset-incremental", k, args.seed)
+    train_sets = [task_split(args.data, t, "train") for t in tasks]
+    test_sets = [task_split(args.data, t, "test") for t in tasks]
+    held_out = {d.name: load_split(args.data, d.name, "test") for d in catalog.EVALUATION}
+
+    def a_zs(model) -> float:
+        return summarize(evaluate(model, tok, held_out, "cpu"), [], list(held_out))["A_ZS"]
+
+    def gains_of(model) -> list[float]:
+        return [score(model, tok, s, "cpu") - z for s, z in zip(test_sets, zs)]
+
+    def loaded(state: dict):
+        m = copy.deepcopy(base)
+        m.load_state_dict(state)
+        return m
+
+    zs, zs_a_zs, theta0 = [score(base, tok, s, "cpu") for s in test_sets], a_zs(base), base.state_dict()
+    states, gains, alone, drops, probes, crossings = [], [], [], [], [], []
+    for t in range(k):
+        m = copy.deepcopy(base)
+        train(m, train_sets[t], cfg, tokenizer=tok)
+        states.append({n: v.clone() for n, v in m.state_dict().items()})
+        own = score(m, tok, test_sets[t], "cpu")
+        gains.append(own - zs[t])
+        drops.append(zs_a_zs - a_zs(m))
+        alone.append(score(loaded(merge("task_arithmetic", theta0, [states[-1]], scale=1 / k)), tok,
+                           test_sets[t], "cpu") - zs[t])
+        crossings.append(crossing(base, m, tok, test_sets[t]))
+        if args.probe:
+            probes.append({"task": tasks[t].name, "zero_shot": round(100 * zs[t], 1), "expert": round(100 * own, 1),
+                           "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
+                           "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
+    out = {"seed": args.seed, "base": base_id[:12], **RECORD, "tasks": k, "set": args.set,
+           "logit_scale": args.logit_scale,
+           "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
+           "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
+           "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
+           "keep_ta": _share(gains_of(loaded(merge("task_arithmetic", theta0, states, scale=0.3))), gains),
+           "keep_alone": _share(alone, gains)}
+    if args.multitask:
+        m = copy.deepcopy(base)
+        train(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
+              tokenizer=tok)
+        out["keep_multitask"] = _share(gains_of(m), gains)
+    crossed = [c for c in crossings if c is not None]
+    out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
+    out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}
+    if probes:
+        out["probes"] = probes
+    out["gains"] = [round(100 * g, 1) for g in gains]
+    out["seconds"] = time.perf_counter() - t0
+    line = json.dumps({key: round(v, 2) if isinstance(v, float) else v for key, v in out.items()})
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 1)
+
+
+if __name__ == "__main__":
+    main()
