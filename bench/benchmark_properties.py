@@ -160,10 +160,15 @@ def main() -> None:
         out["gm_zs"] = 100 * zs["GM"]
         out.update(_streams(args, raw, log))
     out["seconds"] = time.perf_counter() - t0
+    emit(out, args.out)
+
+
+def emit(out: dict, path: str | None) -> None:
+    """Print the result as one JSON line (floats to 2 decimals) and append it to `path` if given."""
     line = json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()})
     print(line)
-    if args.out:
-        with open(args.out, "a") as f:
+    if path:
+        with open(path, "a") as f:
             f.write(line + "\n")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark_properties import _share  # noqa: E402
+from benchmark_properties import _share, emit  # noqa: E402
 
 from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
 from chronomerge.config import load_config  # noqa: E402
@@ -162,11 +161,7 @@ def main() -> None:
         out["probes"] = probes
     out["gains"] = [round(100 * g, 1) for g in gains]
     out["seconds"] = time.perf_counter() - t0
-    line = json.dumps({key: round(v, 2) if isinstance(v, float) else v for key, v in out.items()})
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit(out, args.out)
 
 
 def _pct(x: float | None) -> float | None:
