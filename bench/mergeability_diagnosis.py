@@ -1,7 +1,7 @@
 """Why does averaging keep so little of the experts' gain? One seed, one fine-tuning recipe.
 
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...]
-        [--logit-scale 100] [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
+        [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
@@ -22,8 +22,6 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          median expert margin (the reverse), and the median α where mixing the two
                          models' cosines, (1 − α)·zero-shot + α·expert, turns right: small when experts
                          are far more confident than zero-shot is wrong (WiSE-FT's concave curves)
-  --logit-scale S        sets θ0's logit scale to S before fine-tuning (zero-shot accuracy is unchanged:
-                         argmax does not see the scale; the fine-tuning loss's temperature does)
 Every keep_* is a ratio of means (`benchmark_properties._share`).
 """
 from __future__ import annotations
@@ -95,7 +93,6 @@ def main() -> None:
     p.add_argument("--store", default="store")
     p.add_argument("--tasks", type=int, default=8, help="K, the first K tasks of the default stream")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* override")
-    p.add_argument("--logit-scale", type=float, help="θ0's logit scale before fine-tuning (learnt: as pretrained)")
     p.add_argument("--multitask", action="store_true", help="also train one model on the K tasks at once")
     p.add_argument("--probe", action="store_true", help="also fit linear probes on base and expert features")
     p.add_argument("--out", help="append the JSON line to this file")
@@ -105,8 +102,6 @@ def main() -> None:
     store = CheckpointStore(args.store)
     base_id = ensure_base(store, args.data, args.seed, cfg=PRETRAIN)
     base = load_model(store, base_id)
-    if args.logit_scale is not None:
-        base.logit_scale.data.fill_(math.log(args.logit_scale))
     tok = get_tokenizer()
     cfg = load_config(None, args.set).train.model_copy(update={"seed": args.seed})
     k = args.tasks
@@ -143,7 +138,6 @@ def main() -> None:
                            "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
                            "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
     out = {"seed": args.seed, "base": base_id[:12], **RECORD, "tasks": k, "set": args.set,
-           "logit_scale": args.logit_scale,
            "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
            "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
            "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
