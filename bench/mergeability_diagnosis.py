@@ -22,6 +22,12 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          median expert margin (the reverse), and the median α where mixing the two
                          models' cosines, (1 − α)·zero-shot + α·expert, turns right: small when experts
                          are far more confident than zero-shot is wrong (WiSE-FT's concave curves)
+  geometry             per task, over all its test images (medians): how far the expert turns the
+                         image features (cosine between θ0's and the expert's unnormalised features,
+                         and the ratio of their norms) and how far θ0 + τ/K's normalised features have
+                         moved towards the expert's (projection onto f_expert − f_θ0, as a fraction:
+                         1/K if the features were linear in the weights, 0.075 for K = 8 when a
+                         90° turn is interpolated and renormalised)
 Every keep_* is a ratio of means (`benchmark_properties._share`).
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +52,7 @@ from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
 from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import get_tokenizer, load_model  # noqa: E402
+from chronomerge.models import get_tokenizer, load_model, model_input, preprocess_of  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
 
@@ -86,6 +93,21 @@ def crossing(base, expert, tokenizer, split) -> dict | None:
             "alpha": round(float(np.median(-m0[fixed] / (m1[fixed] - m0[fixed]))), 3)}
 
 
+def geometry(base, expert, scaled, split) -> dict:
+    """How far the expert turns the features, and how far θ0 + τ/K gets (see `geometry` above)."""
+    def raw(model):
+        pp = preprocess_of(model)
+        with torch.no_grad():
+            return model.encode_image(model_input(torch.from_numpy(np.ascontiguousarray(split.images)), pp)).float()
+
+    g0, g1, gk = raw(base), raw(expert), raw(scaled)
+    f0, f1, fk = (torch.nn.functional.normalize(g, dim=1) for g in (g0, g1, gk))
+    way = ((fk - f0) * (f1 - f0)).sum(1) / ((f1 - f0) ** 2).sum(1).clamp_min(1e-12)
+    return {"cos": round(float(torch.nn.functional.cosine_similarity(g0, g1).median()), 3),
+            "norm_ratio": round(float((g1.norm(dim=1) / g0.norm(dim=1)).median()), 3),
+            "moved_at_tau_over_k": round(float(way.median()), 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
@@ -122,7 +144,7 @@ def main() -> None:
         return m
 
     zs, zs_a_zs, theta0 = [score(base, tok, s, "cpu") for s in test_sets], a_zs(base), base.state_dict()
-    states, gains, alone, drops, probes, crossings = [], [], [], [], [], []
+    states, gains, alone, drops, probes, crossings, geometries = [], [], [], [], [], [], []
     for t in range(k):
         m = copy.deepcopy(base)
         train(m, train_sets[t], cfg, tokenizer=tok)
@@ -130,8 +152,9 @@ def main() -> None:
         own = score(m, tok, test_sets[t], "cpu")
         gains.append(own - zs[t])
         drops.append(zs_a_zs - a_zs(m))
-        alone.append(score(loaded(merge("task_arithmetic", theta0, [states[-1]], scale=1 / k)), tok,
-                           test_sets[t], "cpu") - zs[t])
+        scaled = loaded(merge("task_arithmetic", theta0, [states[-1]], scale=1 / k))
+        alone.append(score(scaled, tok, test_sets[t], "cpu") - zs[t])
+        geometries.append(geometry(base, m, scaled, test_sets[t]))
         crossings.append(crossing(base, m, tok, test_sets[t]))
         if args.probe:
             probes.append({"task": tasks[t].name, "zero_shot": round(100 * zs[t], 1), "expert": round(100 * own, 1),
@@ -151,6 +174,9 @@ def main() -> None:
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
     out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}
+    out["moved_at_tau_over_k_median"] = float(np.median([g["moved_at_tau_over_k"] for g in geometries]))
+    out["feature_cos_median"] = float(np.median([g["cos"] for g in geometries]))
+    out["geometry"] = {tasks[t].name: g for t, g in enumerate(geometries)}
     if probes:
         out["probes"] = probes
     out["gains"] = [round(100 * g, 1) for g in gains]
