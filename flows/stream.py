@@ -21,6 +21,7 @@ from typing import Any
 
 import prefect.runtime
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from chronomerge.config import Config, ConfigError
@@ -102,9 +103,12 @@ def check(cfg: Config) -> tuple[dict, dict[str, list[str]]]:
 
 
 def prepare_inputs(cfg: Config, ws: Workspace, sets: Mapping[str, list[str]]) -> dict[str, str]:
-    """Every dataset (and expert file) the stream reads, made or checked, with its digest."""
-    return prepare(ws, cfg.data.model_dump(mode="json"), bool(cfg.model.pretrained),
-                   [*sets["adaptation"], *sets["held_out"]], cfg.stream.expert_paths)
+    """Every dataset (and expert file) the stream reads, made or checked, with its digest: a task run
+    inside a flow, the plain function outside one (`chronomerge prepare`, where a task run's log
+    lines have no flow run to go to and Prefect warns about each)."""
+    run = prepare if FlowRunContext.get() else prepare.fn
+    return run(ws, cfg.data.model_dump(mode="json"), bool(cfg.model.pretrained),
+               [*sets["adaptation"], *sets["held_out"]], cfg.stream.expert_paths)
 
 
 def _untrusted(store: CheckpointStore, out: Any, keys: Sequence[str] = ()) -> bool:
