@@ -1,7 +1,9 @@
 """A stream's results on disk: metrics JSON, per-step history, curves CSV, plots and a report.
 
 `history` is the dict the stream flow builds: one entry per step t with A_KA, A_ZS, GM, ACC, BWT,
-per-dataset scores, row t of the accuracy matrix, checkpoint ids and stage timings.
+per-dataset scores, row t of the accuracy matrix, checkpoint ids and stage timings; and `zero_shot`,
+θ0 scored on the same sets (A_KA, A_ZS, GM, and ACC over the stream's tasks), the reference a
+continual method must beat.
 """
 from __future__ import annotations
 
@@ -102,6 +104,9 @@ def plot(history: Mapping[str, Any], folder: Path) -> list[Path]:
     if absent:
         ax.text(0.01, 0.02, f"{', '.join(absent)} absent (no held-out sets)", transform=ax.transAxes, fontsize=8,
                 color="0.4")
+    z = history.get("zero_shot")
+    if z is not None and z["GM"] is not None:
+        ax.axhline(100 * z["GM"], color="C2", ls="--", lw=1, label="GM, zero-shot θ0")
     ax.set_ylabel("score (%)")
     ax.set_title("A_KA, A_ZS and GM after each task", fontsize=10)
     for k in ("ACC", "BWT"):
@@ -186,6 +191,7 @@ def markdown(history: Mapping[str, Any]) -> str:
     steps = history["steps"]
     lines = [f"# {history.get('title', 'stream')}", "",
              f"Deployed after task {len(steps)}: `{steps[-1]['checkpoints']['deployed']}`", "",
+             *_against_zero_shot(history),
              "| t | task | A_KA | A_ZS | GM | ACC | BWT | train s | eval s |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in steps:
@@ -196,6 +202,21 @@ def markdown(history: Mapping[str, Any]) -> str:
               "GM = sqrt(A_KA·A_ZS); ACC and BWT from the accuracy matrix (rows up to t); – : absent "
               "(no datasets of that kind).", ""]
     return "\n".join(lines)
+
+
+def _against_zero_shot(history: Mapping[str, Any]) -> list[str]:
+    """The report's line comparing the last deployed model with θ0 (histories before it lack `zero_shot`)."""
+    z, last = history.get("zero_shot"), history["steps"][-1]
+    if z is None:
+        return []
+    gap = "" if last["GM"] is None else f" The deployed model's GM is {versus(last['GM'], z['GM'])}."
+    return [f"Zero-shot θ0 on the same sets: {scores_line(z, ('A_KA', 'A_ZS', 'GM', 'ACC'))}.{gap}", ""]
+
+
+def versus(score: float, reference: float, digits: int = 1) -> str:
+    """`3.8 points below zero-shot's`: a score against the zero-shot reference, in points."""
+    d = 100 * (score - reference)
+    return f"{abs(d):.{digits}f} points {'above' if d >= 0 else 'below'} zero-shot's"
 
 
 def scores_line(d: Mapping[str, Any], keys: Sequence[str] = METRICS, digits: int = 1) -> str:

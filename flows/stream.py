@@ -29,7 +29,7 @@ from chronomerge.data.streams import multitask
 from chronomerge.evaluate import acc_bwt
 from chronomerge.lineage import experts_in
 from chronomerge.models import architecture
-from chronomerge.report import METRICS, SUMMARY, scores_line, task_vector_cosines, write_report, write_results
+from chronomerge.report import METRICS, SUMMARY, pct, scores_line, task_vector_cosines, write_report, write_results
 from chronomerge.stages import Workspace, build_tasks, evaluation_sets, resolve_device, task_digest
 from chronomerge.store import CheckpointStore, atomic_write_bytes, remove_stale_temps
 from tasks.cache import refuse_unsafe_records
@@ -181,7 +181,8 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     summary["overhead_seconds"] = summary["wall_seconds"] - summary["compute_seconds"]
     tracker.finish("FINISHED", paths, {"lineage.deployed": summary["deployed"],
                                        "chronomerge.overhead_seconds": f"{summary['overhead_seconds']:.2f}"},
-                   {"base/resumed_steps": summary["base_resumed_steps"]})
+                   {"base/resumed_steps": summary["base_resumed_steps"],
+                    **{f"zero_shot/{k}": v for k, v in summary["zero_shot"].items() if v is not None}})
     summary["run_id"] = tracker.parent
     _summary_artifact(cfg, key, summary)
     return summary
@@ -191,11 +192,11 @@ def _summary_artifact(cfg: Config, key: str, summary: dict) -> None:
     """The stream's outcome on its Prefect flow run (the UI's Artifacts tab): final metrics, deployed id."""
     from prefect.artifacts import create_markdown_artifact
 
-    f, title = summary["final"], stream_title(cfg)
-    rows = "\n".join(f"| {k} | {'–' if f[k] is None else f'{100 * f[k]:.2f}'} |" for k in METRICS)
+    f, z, title = summary["final"], summary["zero_shot"], stream_title(cfg)
+    rows = "\n".join(f"| {k} | {pct(f[k], 2)} | {pct(z.get(k), 2)} |" for k in METRICS)
     create_markdown_artifact(
         key=f"stream-{key[:16]}", description=title,
-        markdown=f"# {title}\n\n| metric | % |\n|---|---|\n{rows}\n\n"
+        markdown=f"# {title}\n\n| metric | deployed, % | zero-shot θ0, % |\n|---|---|---|\n{rows}\n\n"
                  f"deployed: `{summary['deployed']}`  \nMLflow run: `{summary['run_id']}`  \n"
                  f"{sum(s['status'] == 'cached' for s in summary['stages'])}/{len(summary['stages'])} stages cached, "
                  f"{summary['wall_seconds']:.1f} s")
@@ -219,7 +220,7 @@ def walk(cfg: Config, ws: Workspace, digests: dict, arch: dict, sets: dict, runn
     if cfg.stream.multitask:  # one task, all the data, the stream's whole training budget
         stream = [dataclasses.replace(multitask(stream), index=0)]
         train_cfg = {**train_cfg, "steps": train_cfg["steps"] * cfg.stream.length}
-    eval_digests = {n: digests[n] for n in [*sets["adaptation"], *sets["held_out"]]}
+    eval_digests = _eval_digests(digests, sets)
     storage: dict[str, list] = {"experts": [], "fishers": []}  # the store S: experts so far, their Fishers
     prev_init = prev_deploy = prev_state = None
     for t, task in enumerate(stream, 1):
@@ -257,6 +258,23 @@ def walk(cfg: Config, ws: Workspace, digests: dict, arch: dict, sets: dict, runn
         prev_init, prev_deploy, prev_state = initialized["init"], deployed["deployed"], deployed.get("state")
 
 
+def _eval_digests(digests: Mapping[str, str], sets: Mapping[str, list[str]]) -> dict[str, str]:
+    """The digests of the evaluation sets: part of every eval stage's cache key."""
+    return {n: digests[n] for n in [*sets["adaptation"], *sets["held_out"]]}
+
+
+def zero_shot(ws: Workspace, arch: dict, theta0: str, tasks: Sequence, sets: dict, digests: dict) -> dict:
+    """θ0 scored as the deployed models are (the eval stage, cached): the stream's zero-shot reference.
+
+    A_KA, A_ZS and GM are over every evaluation set, so θ0's are the same after every task; ACC is θ0's
+    mean over the test splits of the stream's tasks (its accuracy-matrix row after the last task).
+    """
+    out, _ = run_stage(evaluate.with_options(task_run_name="eval zero-shot θ0"), ws, arch=arch, deployed=theta0,
+                       tasks=[x.to_dict() for x in tasks], sets=sets, digests=_eval_digests(digests, sets))
+    row = [v for v in out["row"] if v is not None]
+    return {**{k: out[k] for k in SUMMARY}, "ACC": float(sum(row) / len(row)) if row else None}
+
+
 def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
                commit: str, echo: Callable[[str], None], arch: dict, sets: dict) -> dict:
     steps, stages, rows = [], [], []
@@ -271,7 +289,9 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
     base_resumed = base_out.get("resumed_steps", 0)  # records made before progress checkpoints lack it
     produced_by: dict[str, tuple[str, str]] = {}  # checkpoint id -> (MLflow task run, its name)
     started = time.time()
+    tasks = []
     for t, (task, outs, status) in enumerate(walker, 1):
+        tasks.append(task)
         span, started = (started, time.time()), time.time()
         seconds = {name: outs[name]["seconds"] for name in STAGES}
         compute += sum(seconds[n] for n in STAGES if status[n] == "computed")
@@ -298,12 +318,13 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
             + "  " + scores_line(step, SUMMARY))
     title = stream_title(cfg)
     experts = [s["checkpoints"]["expert"] for s in steps]
+    reference = zero_shot(ws, arch, theta0, tasks, sets, digests)
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
-               "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}
+               "zero_shot": reference, "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
             "stages": stages, "compute_seconds": compute, "history": history, "matrix": rows,
             "scores": steps[-1]["scores"], "base_resumed_steps": base_resumed,
-            "final": {k: steps[-1][k] for k in METRICS}}
+            "final": {k: steps[-1][k] for k in METRICS}, "zero_shot": reference}
 
 
 def _log_task(tracker: Tracker, ws: Workspace, step: dict, span: tuple[float, float], params: dict, theta0: str,

@@ -39,7 +39,7 @@ def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
     assert stream_title(load_config(project / "params.yaml")) in flow_runs
     first_task = build_stream("dataset-incremental", 3, 0)[0].name
     assert {"base", "init task 1", f"train {first_task}", "store task 1", f"deploy {first_task}",
-            f"eval {first_task}"} <= stage_runs
+            f"eval {first_task}", "eval zero-shot θ0"} <= stage_runs
     # ... its logs reach the Prefect API (the UI), and the stream's outcome is an artifact of its flow run
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -50,7 +50,7 @@ def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         artifacts = [a for a in client.read_artifacts(limit=200) if a.key == f"stream-{first['stream_key'][:16]}"]
     assert any("Finished in state" in entry.message for entry in logs)
-    assert any(first["deployed"] in a.data and "| GM |" in a.data for a in artifacts)
+    assert any(first["deployed"] in a.data and "| GM |" in a.data and "zero-shot θ0" in a.data for a in artifacts)
     assert len(first["stages"]) == 3 * len(STAGES)
     again = run(project)
     assert all(s == "cached" for _, _, s in statuses(again))
@@ -62,6 +62,11 @@ def test_first_run_computes_every_stage_and_a_rerun_computes_none(project):
     assert metrics["GM"] == pytest.approx(first["final"]["GM"], abs=1e-6)
     for f in ("history.json", "curves.csv", "report.md", "plots/metrics.png", "plots/accuracy_matrix.png"):
         assert (project / "outputs" / f).stat().st_size > 0
+    # the zero-shot reference: θ0 on the same sets, in the history and the report
+    reference = json.loads((project / "outputs" / "history.json").read_text())["zero_shot"]
+    assert reference == first["zero_shot"] and set(reference) == {"A_KA", "A_ZS", "GM", "ACC"}
+    assert reference["GM"] == pytest.approx(math.sqrt(reference["A_KA"] * reference["A_ZS"]))
+    assert f"GM {100 * reference['GM']:.1f}%" in (project / "outputs" / "report.md").read_text()
 
 
 def test_changing_the_deploy_technique_reruns_only_deploy_and_eval(project):
@@ -115,6 +120,8 @@ def test_mlflow_holds_one_parent_run_with_nested_task_runs_and_lineage(project, 
     )
     assert parent.data.tags["lineage.deployed"] == summary["deployed"]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "GM")] == [1, 2, 3]
+    assert {k: parent.data.metrics[f"zero_shot/{k}"] for k in summary["zero_shot"]} == pytest.approx(
+        summary["zero_shot"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"metrics.json", "history.json", "report.md", "plots/metrics.png", "plots/accuracy_matrix.png"} <= artifacts
@@ -210,6 +217,9 @@ def test_cmm_fisher_merge_with_alignment_and_the_zero_shot_baseline(project):
         reference.current["visual.proj"] = deployed["visual.proj"].clone()  # carried forward
     zs = run(project, "strategy.init.mode=zs", "train.mode=linear", "strategy.deploy.mode=zs")
     assert zs["deployed"] == summary["base"]
+    # a stream that deploys θ0 at every task ends where every stream's zero-shot reference is
+    assert zs["zero_shot"] == summary["zero_shot"]
+    assert {k: zs["final"][k] for k in ("A_KA", "A_ZS", "GM", "ACC")} == pytest.approx(summary["zero_shot"])
     assert {s for _, stage, s in statuses(zs) if stage == "train"} == {"cached"}
 
 
