@@ -263,16 +263,19 @@ def _eval_digests(digests: Mapping[str, str], sets: Mapping[str, list[str]]) -> 
     return {n: digests[n] for n in [*sets["adaptation"], *sets["held_out"]]}
 
 
-def zero_shot(ws: Workspace, arch: dict, theta0: str, tasks: Sequence, sets: dict, digests: dict) -> dict:
-    """θ0 scored as the deployed models are (the eval stage, cached): the stream's zero-shot reference.
+def zero_shot(ws: Workspace, arch: dict, theta0: str, tasks: Sequence, sets: dict,
+              digests: dict) -> tuple[dict, float]:
+    """θ0 scored as the deployed models are (the eval stage, cached): the stream's zero-shot reference,
+    and the seconds spent computing it (0 when cached).
 
     A_KA, A_ZS and GM are over every evaluation set, so θ0's are the same after every task; ACC is θ0's
     mean over the test splits of the stream's tasks (its accuracy-matrix row after the last task).
     """
-    out, _ = run_stage(evaluate.with_options(task_run_name="eval zero-shot θ0"), ws, arch=arch, deployed=theta0,
-                       tasks=[x.to_dict() for x in tasks], sets=sets, digests=_eval_digests(digests, sets))
+    out, status = run_stage(evaluate.with_options(task_run_name="eval zero-shot θ0"), ws, arch=arch, deployed=theta0,
+                            tasks=[x.to_dict() for x in tasks], sets=sets, digests=_eval_digests(digests, sets))
     row = [v for v in out["row"] if v is not None]
-    return {**{k: out[k] for k in SUMMARY}, "ACC": float(sum(row) / len(row)) if row else None}
+    reference = {**{k: out[k] for k in SUMMARY}, "ACC": float(sum(row) / len(row)) if row else None}
+    return reference, out["seconds"] if status == "computed" else 0.0
 
 
 def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tracker,
@@ -318,7 +321,8 @@ def _run_tasks(cfg: Config, ws: Workspace, key: str, digests: dict, tracker: Tra
             + "  " + scores_line(step, SUMMARY))
     title = stream_title(cfg)
     experts = [s["checkpoints"]["expert"] for s in steps]
-    reference = zero_shot(ws, arch, theta0, tasks, sets, digests)
+    reference, seconds = zero_shot(ws, arch, theta0, tasks, sets, digests)
+    compute += seconds
     history = {"title": title, "stream_key": key, "base": theta0, "commit": commit, "steps": steps,
                "zero_shot": reference, "task_vector_cosine": task_vector_cosines(ws.checkpoints, theta0, experts)}
     return {"deployed": steps[-1]["checkpoints"]["deployed"], "stream_key": key, "base": theta0,
