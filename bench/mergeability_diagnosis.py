@@ -52,7 +52,7 @@ from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
 from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import get_tokenizer, load_model, model_input, preprocess_of  # noqa: E402
+from chronomerge.models import get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
 
@@ -95,12 +95,8 @@ def crossing(base, expert, tokenizer, split) -> dict | None:
 
 def geometry(base, expert, scaled, split) -> dict:
     """How far the expert turns the features, and how far θ0 + τ/K gets (see `geometry` above)."""
-    def raw(model):
-        pp = preprocess_of(model)
-        with torch.no_grad():
-            return model.encode_image(model_input(torch.from_numpy(np.ascontiguousarray(split.images)), pp)).float()
-
-    g0, g1, gk = raw(base), raw(expert), raw(scaled)
+    with torch.no_grad():
+        g0, g1, gk = (encode_images(m, split.images, "cpu", normalize=False) for m in (base, expert, scaled))
     f0, f1, fk = (torch.nn.functional.normalize(g, dim=1) for g in (g0, g1, gk))
     way = ((fk - f0) * (f1 - f0)).sum(1) / ((f1 - f0) ** 2).sum(1).clamp_min(1e-12)
     return {"cos": round(float(torch.nn.functional.cosine_similarity(g0, g1).median()), 3),

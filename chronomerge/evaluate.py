@@ -27,8 +27,9 @@ def _encode_batches(encode, items, device, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> torch.Tensor:
-    """Normalised image features; images (uint8 N×H×W×3, any size) go through the model's preprocessing.
+def encode_images(model, images: np.ndarray, device, batch_size: int = 1024, normalize: bool = True) -> torch.Tensor:
+    """Image features, normalised unless `normalize=False`; images (uint8 N×H×W×3, any size) go through
+    the model's preprocessing.
 
     On a GPU each batch is staged in pinned host memory and copied without blocking: a copy from
     pageable memory would first wait for the device to finish the previous batch."""
@@ -39,7 +40,7 @@ def encode_images(model, images: np.ndarray, device, batch_size: int = 1024) -> 
         t = torch.from_numpy(np.ascontiguousarray(x))
         return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
-    return _encode_batches(lambda x: model.encode_image(model_input(to_device(x), pp), normalize=True),
+    return _encode_batches(lambda x: model.encode_image(model_input(to_device(x), pp), normalize=normalize),
                            images, device, batch_size)
 
 

@@ -36,7 +36,7 @@ import tasks  # noqa: E402, F401  (Prefect's environment defaults, set before an
 from chronomerge import cli as core_cli  # noqa: E402
 from chronomerge.config import ConfigError, TrainSection, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
-from chronomerge.report import scores_line, versus  # noqa: E402
+from chronomerge.report import ZERO_SHOT, scores_line, versus  # noqa: E402
 from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
 from chronomerge.store import CheckpointStore, NonFiniteError, atomic_write_bytes  # noqa: E402
 from flows.prefect_server import booting, reap_orphans, server_for_schedules  # noqa: E402
@@ -68,7 +68,7 @@ def cmd_run(args, cfg=None) -> int:
     print(f"final: {scores_line(f, digits=2)}")
     z = summary["zero_shot"]
     gap = "" if f["GM"] is None else f"   (the deployed GM is {versus(f['GM'], z['GM'], 2)})"
-    print(f"zero-shot θ0: {scores_line(z, ('A_KA', 'A_ZS', 'GM', 'ACC'), digits=2)}{gap}")
+    print(f"zero-shot θ0: {scores_line(z, ZERO_SHOT, digits=2)}{gap}")
     print(f"time: {summary['wall_seconds']:.1f} s in the flow, {summary['compute_seconds']:.1f} s computing stages, "
           f"{sum(s['status'] == 'cached' for s in summary['stages'])}/{len(summary['stages'])} stages cached")
     print(f"metrics: {cfg.paths.metrics}   report: {Path(cfg.paths.outputs) / 'report.md'}   "
