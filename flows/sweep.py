@@ -49,7 +49,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from chronomerge.config import Config, ConfigError, dotted, validate, with_values
-from chronomerge.report import METRICS, SUMMARY, pct
+from chronomerge.report import METRICS, SUMMARY, ZERO_SHOT, pct, scores_line
 from chronomerge.store import atomic_write_bytes
 from flows.stream import stream_flow
 from tasks.locks import dask_worker
@@ -255,7 +255,8 @@ def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[d
                "train_stages": requested, "trainings_run": trained, "trainings_shared": requested - trained,
                "results": [{"point": r["point"], "values": r["values"], "deployed": r["deployed"],
                             "run_id": r["run_id"], "outputs": str(Path(project) / config.paths.outputs),
-                            "base": r["base"], "matrix": r["matrix"], "scores": r["scores"], **r["final"]}
+                            "base": r["base"], "matrix": r["matrix"], "scores": r["scores"],
+                            "zero_shot": r["zero_shot"], **r["final"]}
                            for r, config in done],
                "failed": failed}
     folder = Path(project) / validate(raw).paths.outputs / "sweeps" / sweep["name"]
@@ -264,27 +265,49 @@ def _sweep(raw: dict, sweep: dict, project: str, quiet: bool, runs: list[tuple[d
 
 
 def write_sweep_outputs(summary: dict, folder: Path) -> list[Path]:
-    """summary.json, summary.csv, summary.md and plots/{curves,final_gm}.png under `folder`."""
+    """summary.json, summary.csv, summary.md and plots/{curves,final_gm}.png under `folder`.
+
+    Every point is set against its own zero-shot reference (θ0 on the point's evaluation sets, the
+    stream summary's `zero_shot`): points of one task order share it, points of several differ.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rank = _rank_metric(summary)
     rows = sorted(summary["results"], key=lambda r: -r[rank])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["point", *METRICS, "deployed"])
+    w.writerow(["point", *METRICS, *(f"zero_shot_{m}" for m in ZERO_SHOT), "deployed"])
     for r in rows:
-        w.writerow([r["point"], *("" if r[m] is None else f"{r[m]:.6f}" for m in METRICS), r["deployed"]])
+        w.writerow([r["point"], *(_csv(r[m]) for m in METRICS), *(_csv(r["zero_shot"][m]) for m in ZERO_SHOT),
+                    r["deployed"]])
     atomic_write_bytes(folder / "summary.csv", buf.getvalue().encode())
     atomic_write_bytes(folder / "summary.json", json.dumps(summary, indent=1).encode())
     lines = [f"# sweep {summary['sweep']}: {summary['points']} runs in {summary['wall_seconds']:.0f} s", "",
              f"Train stages: {summary['train_stages']} requested, {summary['trainings_run']} run, "
              f"{summary['trainings_shared']} shared through the cache.", "",
-             "| point | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    lines += [f"| {r['point']} | " + " | ".join(pct(r[m]) for m in METRICS) + " |" for r in rows]
+             "| point | " + " | ".join(METRICS) + f" | {rank} − zero-shot |", "|---" * (len(METRICS) + 2) + "|"]
+    lines += [f"| {r['point']} | " + " | ".join(pct(r[m]) for m in METRICS) + f" | {_points(r, rank)} |" for r in rows]
+    references = {json.dumps(r["zero_shot"], sort_keys=True) for r in rows}
+    if len(references) == 1:
+        lines += ["", f"Zero-shot θ0 on the same sets: {scores_line(rows[0]['zero_shot'], ZERO_SHOT)}. "
+                  f"{sum(r[rank] > r['zero_shot'][rank] for r in rows)} of {len(rows)} points end above it in {rank}."]
+    elif rows:
+        lines += ["", f"Each point against θ0 on its own sets (they differ: other tasks or orders); "
+                  f"{sum(r[rank] > r['zero_shot'][rank] for r in rows)} of {len(rows)} end above it in {rank}."]
     if summary["failed"]:
         lines += ["", f"{len(summary['failed'])} point(s) failed:", ""]
         lines += [f"- {f['point']}: {f['error']}" for f in summary["failed"]]
     atomic_write_bytes(folder / "summary.md", ("\n".join(lines) + "\n").encode())
     return [folder / "summary.csv", folder / "summary.json", folder / "summary.md", *_plots(summary, folder)]
+
+
+def _csv(x: float | None) -> str:
+    return "" if x is None else f"{x:.6f}"
+
+
+def _points(r: dict, metric: str) -> str:
+    """A point's `metric` minus its zero-shot reference's, in signed points (`+1.2`, `−3.8`)."""
+    d = 100 * (r[metric] - r["zero_shot"][metric])
+    return f"{'+' if d >= 0 else '−'}{abs(d):.1f}"
 
 
 def _rank_metric(summary: dict) -> str:
@@ -307,7 +330,10 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
         for ax, m in zip(axes, SUMMARY):
             ax.plot([s["t"] for s in steps], [float("nan") if s[m] is None else 100 * s[m] for s in steps],
                     label=r["point"], lw=1.2)
+    shared = {json.dumps(r["zero_shot"], sort_keys=True) for r in summary["results"]}
     for ax, m in zip(axes, SUMMARY):
+        if len(shared) == 1 and summary["results"][0]["zero_shot"][m] is not None:
+            ax.axhline(100 * summary["results"][0]["zero_shot"][m], color="0.3", ls="--", lw=1, label="zero-shot θ0")
         ax.set_title(m)
         ax.set_xlabel("task t (1-based)")
         ax.set_ylabel(f"{m} (%)")
@@ -321,6 +347,9 @@ def _plots(summary: dict, folder: Path) -> list[Path]:
     rows = sorted(summary["results"], key=lambda r: r[rank])
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1.2))
     ax.barh([r["point"] for r in rows], [100 * r[rank] for r in rows])
+    ax.scatter([100 * r["zero_shot"][rank] for r in rows], [r["point"] for r in rows], marker="|", s=220,
+               color="0.1", zorder=3, label="zero-shot θ0 (its own sets)")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 1), frameon=False, borderaxespad=0.2)
     ax.set_xlabel(f"final {rank} (%)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()

@@ -1,4 +1,6 @@
 """Sweeps: a grid of stream runs in parallel that never train the same expert twice."""
+import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,19 @@ def test_a_parallel_sweep_trains_each_distinct_expert_once_and_compares_the_runs
     best = next(r for r in summary["results"] if r["point"] == "init.mode=ema,deploy.mode=ema")
     alone = stream_flow(load_config(project / "params.yaml"), project=str(project), quiet=True)
     assert alone["deployed"] == best["deployed"] and alone["final"]["GM"] == pytest.approx(best["GM"])
+    # Every point is set against zero-shot θ0 on the same sets: one reference for one task order.
+    assert all(r["zero_shot"] == alone["zero_shot"] for r in summary["results"])
+    md = (folder / "summary.md").read_text()
+    zs = alone["zero_shot"]["GM"]
+    for r in summary["results"]:
+        d = 100 * (r["GM"] - zs)
+        assert f"| {r['point']} | " in md and f" | {'+' if d >= 0 else '−'}{abs(d):.1f} |\n" in md
+    above = sum(r["GM"] > zs for r in summary["results"])
+    assert f"Zero-shot θ0 on the same sets: A_KA {100 * alone['zero_shot']['A_KA']:.1f}%" in md
+    assert f"{above} of 4 points end above it in GM." in md
+    header, *csv_rows = csv.reader(io.StringIO((folder / "summary.csv").read_text()))
+    assert header[-5:] == ["zero_shot_A_KA", "zero_shot_A_ZS", "zero_shot_GM", "zero_shot_ACC", "deployed"]
+    assert len(csv_rows) == 4 and all(float(row[-3]) == pytest.approx(zs, abs=1e-6) for row in csv_rows)
     client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
     tagged = client.search_runs([client.get_experiment_by_name("chronomerge").experiment_id],
                                 "tags.`chronomerge.sweep` = 'pairs'")
