@@ -1,4 +1,5 @@
 """Sweeps: a grid of stream runs in parallel that never train the same expert twice."""
+import contextlib
 import csv
 import io
 from pathlib import Path
@@ -167,3 +168,43 @@ def test_trainings_on_one_gpu_take_turns_and_cpu_trainings_do_not():
     assert gpu_slot(cuda).acquire(timeout=0.2)  # and it is free once the first has ended
     gpu_slot(cuda).release()
     assert gpu_slot(torch.device("cpu")) is not gpu_slot(cuda) and not hasattr(gpu_slot(torch.device("cpu")), "acquire")
+
+
+def test_a_points_stages_commit_when_they_return_not_when_the_point_ends(tmp_path, prefect_api):
+    """A stage run inside a sweep point releases its lock and writes its record as soon as it returns.
+    Under Prefect's nesting (the point task's transaction as the stages' parent) both waited for the whole
+    point, and two points each waiting for a stage the other had finished deadlocked."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.sweep import outside_transaction
+    from tasks.locks import StageLockManager
+
+    locks = StageLockManager(tmp_path / "locks")
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, p: f"stage-{p['x']}").configure(
+        isolation_level="SERIALIZABLE", lock_manager=locks)
+    records = tmp_path / "records"
+
+    @task(cache_policy=policy, persist_result=True, result_serializer="json")
+    def stage(x: int) -> int:
+        return x
+
+    @flow
+    def stream(x: int) -> tuple[bool, bool]:
+        stage(x)  # finished: is its lock free and its record written, while the point still runs?
+        return locks.is_locked(f"stage-{x}"), (records / f"stage-{x}").exists()
+
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    def point(x: int, detached: bool) -> tuple[bool, bool]:
+        with outside_transaction() if detached else contextlib.nullcontext():
+            return stream(x)
+
+    @flow
+    def sweep(x: int, detached: bool) -> tuple[bool, bool]:
+        return point(x, detached)
+
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: records}):
+        assert sweep(1, False) == (True, False)  # Prefect's nesting: held and unwritten until the point ends
+        assert sweep(2, True) == (False, True)
+    assert not locks.is_locked("stage-1")  # released in the end either way
