@@ -10,6 +10,7 @@ MLflow (`tasks.tracking`); results land in `paths.outputs` and `paths.metrics`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ import prefect.runtime
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+from prefect.transactions import BaseTransaction
 
 from chronomerge.config import Config, ConfigError
 from chronomerge.data.streams import multitask
@@ -139,6 +141,24 @@ def run_stage(stage_task, ws: Workspace, /, **inputs) -> tuple[dict, str]:
     return out, "cached" if cached else "computed"
 
 
+@contextlib.contextmanager
+def outside_transaction():
+    """Run the body with no active Prefect transaction, so that each stage task commits when it returns.
+
+    When a stream runs inside a Prefect task (a sweep point, or a user's own task), Prefect makes that
+    task's transaction the parent of every transaction opened inside it, and a child commits, which
+    writes its result record and releases its stage lock, only when the parent does. A sweep point's
+    stages would hold their locks until the whole point ended: two points each waiting for
+    a stage the other had finished deadlocked (seen in `chronomerge report --reproduce`), and a point killed
+    midway lost the records of every stage it had finished. With no parent, each stage commits when it
+    returns. Prefect offers no public way to start a root transaction inside a task: this resets the
+    context variable its `get_transaction()` reads."""
+    token = BaseTransaction.__var__.set(None)
+    try:
+        yield
+    finally:
+        BaseTransaction.__var__.reset(token)
+
 class _NotRun(Exception):
     """The runner did not run a stage (`status` walks only what is cached): the walk stops there."""
 
@@ -165,11 +185,13 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     if stale:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
-    digests = prepare_inputs(cfg, ws, sets)
+    with outside_transaction():
+        digests = prepare_inputs(cfg, ws, sets)
     tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
                   ws.data, stale, tags or {}, name=stream_title(cfg))
     try:
-        summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo, arch, sets)
+        with outside_transaction():
+            summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo, arch, sets)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
                        tags={"chronomerge.error": f"{type(e).__name__}: {e}"[:4000]})

@@ -47,7 +47,6 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.transactions import BaseTransaction
 
 from chronomerge.config import Config, ConfigError, dotted, validate, with_values
 from chronomerge.report import METRICS, SUMMARY, ZERO_SHOT, pct, scores_line
@@ -188,30 +187,11 @@ def run_point(values: dict, config: dict, project: str, quiet: bool, tags: dict,
     name = point_name(values)
     where = {"chronomerge.point": name, "chronomerge.worker": os.uname().nodename, **_dask_worker()}
     try:
-        with outside_transaction():
-            summary = stream_flow(validate(config, f"sweep point {name}"), project=project, quiet=quiet,
-                                  tags={**tags, **where})
+        summary = stream_flow(validate(config, f"sweep point {name}"), project=project, quiet=quiet,
+                              tags={**tags, **where})
     except Exception as e:
         return {"point": name, "values": values, "error": f"{type(e).__name__}: {e}"}
     return {"point": name, "values": values, **summary}
-
-
-@contextlib.contextmanager
-def outside_transaction():
-    """Run the body with no active Prefect transaction, so that its stage tasks commit as in `chronomerge run`.
-
-    Prefect makes a task's transaction (here the point's) the parent of every transaction opened inside it,
-    and a child commits, which writes its result record and releases its stage lock, only when the parent
-    does. A point's stages would hold their locks until the whole point ended: two points each waiting for
-    a stage the other had finished deadlocked (seen in `chronomerge report --reproduce`), and a point killed
-    midway lost the records of every stage it had finished. With no parent, each stage commits when it
-    returns. Prefect offers no public way to start a root transaction inside a task: this resets the
-    context variable its `get_transaction()` reads."""
-    token = BaseTransaction.__var__.set(None)
-    try:
-        yield
-    finally:
-        BaseTransaction.__var__.reset(token)
 
 
 def _dask_worker() -> dict:

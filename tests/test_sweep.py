@@ -171,14 +171,15 @@ def test_trainings_on_one_gpu_take_turns_and_cpu_trainings_do_not():
 
 
 def test_a_points_stages_commit_when_they_return_not_when_the_point_ends(tmp_path, prefect_api):
-    """A stage run inside a sweep point releases its lock and writes its record as soon as it returns.
+    """A stage run inside a sweep point (any Prefect task) releases its lock and writes its record as soon as
+    it returns.
     Under Prefect's nesting (the point task's transaction as the stages' parent) both waited for the whole
     point, and two points each waiting for a stage the other had finished deadlocked."""
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.sweep import outside_transaction
+    from flows.stream import outside_transaction
     from tasks.locks import StageLockManager
 
     locks = StageLockManager(tmp_path / "locks")
@@ -191,14 +192,14 @@ def test_a_points_stages_commit_when_they_return_not_when_the_point_ends(tmp_pat
         return x
 
     @flow
-    def stream(x: int) -> tuple[bool, bool]:
-        stage(x)  # finished: is its lock free and its record written, while the point still runs?
+    def stream(x: int, detached: bool) -> tuple[bool, bool]:  # as stream_flow runs its stages
+        with outside_transaction() if detached else contextlib.nullcontext():
+            stage(x)  # finished: is its lock free and its record written, while the point still runs?
         return locks.is_locked(f"stage-{x}"), (records / f"stage-{x}").exists()
 
     @task(cache_policy=NO_CACHE, persist_result=False)
     def point(x: int, detached: bool) -> tuple[bool, bool]:
-        with outside_transaction() if detached else contextlib.nullcontext():
-            return stream(x)
+        return stream(x, detached)
 
     @flow
     def sweep(x: int, detached: bool) -> tuple[bool, bool]:
