@@ -1,6 +1,7 @@
 """Is the embedded benchmark in CLIP's regime? Measures the properties it must have, for one seed.
 
     python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams]
+        [--width W] [--layers L] [--pool N] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
 
 The seed fixes the data, the base model's pretraining and the task order's training noise. Prints
 one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lines file:
@@ -34,7 +35,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import levers  # noqa: E402
+
 from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
 from chronomerge.config import apply_overrides, load_config, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
@@ -52,7 +56,6 @@ from chronomerge.train import train  # noqa: E402
 
 PARTS = ("zs", "experts", "merge", "seq", "streams")
 MERGED = 8  # mergeability is measured on the first 8 experts, like the papers' 8-task setting
-RECORD: dict = {}  # what a lever script changed, recorded in the result line (bench/pool_lever.py: pool)
 
 
 def main() -> None:
@@ -67,8 +70,10 @@ def main() -> None:
     p.add_argument("--width", type=int, help="capacity lever: both towers' width and embed_dim (embedded config: 64)")
     p.add_argument("--layers", type=int, help="capacity lever: both towers' depth (embedded config: 2)")
     p.add_argument("--out", help="append the JSON line to this file")
+    levers.add_arguments(p)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    record = levers.apply(p, args)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; expected a subset of {list(PARTS)}")
@@ -89,7 +94,7 @@ def main() -> None:
     adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
     zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
     zs = summarize(zs_scores, list(adaptation), list(held_out))
-    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **RECORD, "recipe": raw["train"],
+    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **record, "recipe": raw["train"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
     cfg = load_config(None, args.set).train

@@ -2,6 +2,7 @@
 
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
+        [--n-train N] [--pool N] [--pretrain-logit-scale S] [--train NAME,...]  (bench/levers.py)
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
@@ -44,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import levers  # noqa: E402
 from benchmark_properties import _share, emit  # noqa: E402
 
 from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
@@ -55,8 +57,6 @@ from chronomerge.merge import merge  # noqa: E402
 from chronomerge.models import get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
-
-RECORD: dict = {}  # what a lever script changed, recorded in the result line (bench/temperature_lever.py)
 
 
 def probe(model, train_split, test_split) -> float | None:
@@ -114,7 +114,10 @@ def main() -> None:
     p.add_argument("--multitask", action="store_true", help="also train one model on the K tasks at once")
     p.add_argument("--probe", action="store_true", help="also fit linear probes on base and expert features")
     p.add_argument("--out", help="append the JSON line to this file")
+    levers.add_arguments(p, trainable=True)
     args = p.parse_args()
+    record = levers.apply(p, args)
+    fine_tune = levers.fine_tune(train, record.get("trainable"))
     t0 = time.perf_counter()
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
@@ -143,7 +146,7 @@ def main() -> None:
     states, gains, alone, drops, probes, crossings, geometries = [], [], [], [], [], [], []
     for t in range(k):
         m = copy.deepcopy(base)
-        train(m, train_sets[t], cfg, tokenizer=tok)
+        fine_tune(m, train_sets[t], cfg, tokenizer=tok)
         states.append({n: v.clone() for n, v in m.state_dict().items()})
         own = score(m, tok, test_sets[t], "cpu")
         gains.append(own - zs[t])
@@ -156,7 +159,7 @@ def main() -> None:
             probes.append({"task": tasks[t].name, "zero_shot": round(100 * zs[t], 1), "expert": round(100 * own, 1),
                            "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
                            "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
-    out = {"seed": args.seed, "base": base_id[:12], **RECORD, "tasks": k, "set": args.set,
+    out = {"seed": args.seed, "base": base_id[:12], **record, "tasks": k, "set": args.set,
            "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
            "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
            "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
@@ -164,8 +167,8 @@ def main() -> None:
            "keep_alone": _share(alone, gains)}
     if args.multitask:
         m = copy.deepcopy(base)
-        train(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
-              tokenizer=tok)
+        fine_tune(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
+                  tokenizer=tok)
         out["keep_multitask"] = _share(gains_of(m), gains)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None

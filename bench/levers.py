@@ -1,0 +1,86 @@
+"""Regime levers: recipe changes that `bench/benchmark_properties.py` and `bench/mergeability_diagnosis.py`
+apply in their own process only (the committed benchmark is unchanged), recorded in their result line.
+
+    --pool N                  the pretraining pool's size (committed: 20,000), the base pretrained on it
+    --n-train N               every adaptation dataset's training-set size (committed: 480; test sets unchanged)
+    --pretrain-logit-scale S  pretrain the base with its logit scale fixed at S (a buffer, not a parameter;
+                              CLIP's learnt scale sits at its cap of 100, the embedded base learns about 29);
+                              the experts fine-tune it as usual
+    --train NAME[,NAME...]    (mergeability_diagnosis.py) fine-tune only these tensors of the open_clip model
+                              (e.g. visual.proj, in which the image features are linear); the logit scale and
+                              everything else stay at θ0; pretraining is unchanged
+
+The datasets differ under --pool and --n-train: give them a data folder of their own (--data). The base's
+store key records the pool (its digest) but not the fixed scale: give --pretrain-logit-scale a store of its
+own (--store).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+import chronomerge.benchmark as benchmark
+import chronomerge.train as train_module
+from chronomerge.data import catalog
+
+
+def add_arguments(p: argparse.ArgumentParser, trainable: bool = False) -> None:
+    g = p.add_argument_group("regime levers (bench/levers.py)")
+    g.add_argument("--pool", type=int, metavar="N", help="pretraining pool of N images (own --data)")
+    g.add_argument("--n-train", type=int, metavar="N", help="N training images per adaptation dataset (own --data)")
+    g.add_argument("--pretrain-logit-scale", type=float, metavar="S",
+                   help="pretrain with the logit scale fixed at S (needs its own --store)")
+    if trainable:
+        g.add_argument("--train", metavar="NAME[,NAME...]", help="fine-tune only these parameters")
+
+
+def apply(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Patch this process for the levers given; returns what to record in the result line."""
+    record: dict = {}
+    if (args.pool is not None or args.n_train is not None) and args.data == "data":
+        p.error("--pool and --n-train change the datasets: give them a data folder of their own (--data)")
+    if args.pretrain_logit_scale is not None and args.store == "store":
+        p.error("--pretrain-logit-scale changes the base under the same store key: give it its own --store")
+    if args.pool is not None:
+        catalog.PRETRAIN = dataclasses.replace(catalog.PRETRAIN, n_train=args.pool)
+        catalog.ALL[catalog.PRETRAIN.name] = catalog.PRETRAIN
+        record["pool"] = args.pool
+    if args.n_train is not None:
+        catalog.ADAPTATION = tuple(dataclasses.replace(d, n_train=args.n_train) for d in catalog.ADAPTATION)
+        catalog.ALL.update({d.name: d for d in catalog.ADAPTATION})
+        record["n_train"] = args.n_train
+    if args.pretrain_logit_scale is not None:
+        create, scale = benchmark.create_model, args.pretrain_logit_scale
+
+        def fixed_scale(*a, **kw) -> torch.nn.Module:
+            model = create(*a, **kw)
+            del model.logit_scale
+            model.register_buffer("logit_scale", torch.tensor(math.log(scale)))
+            return model
+
+        benchmark.create_model = fixed_scale
+        record["pretrain_logit_scale"] = scale
+    if getattr(args, "train", None):
+        record["trainable"] = args.train.split(",")
+    return record
+
+
+def fine_tune(train: Callable, names: list[str] | None) -> Callable:
+    """`train`, fine-tuning only the parameters `names` when given (the --train lever)."""
+    if not names:
+        return train
+
+    def only(model, task, cfg, **kwargs):
+        cfg = cfg.model_copy(update={"train_text": False})  # the patched is_text_param alone decides
+        real = train_module.is_text_param
+        train_module.is_text_param = lambda n: n not in names
+        try:
+            return train(model, task, cfg, **kwargs)
+        finally:
+            train_module.is_text_param = real
+
+    return only

@@ -1,0 +1,60 @@
+"""The regime levers of bench/benchmark_properties.py and bench/mergeability_diagnosis.py do what they say."""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import chronomerge.benchmark as benchmark
+from chronomerge.config import TrainSection
+from chronomerge.data import catalog
+from chronomerge.data.generate import generate
+from chronomerge.models import create_model, get_tokenizer
+from chronomerge.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import levers  # noqa: E402
+
+
+def parsed(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="data")
+    p.add_argument("--store", default="store")
+    levers.add_arguments(p, trainable=True)
+    return p, p.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", [["--n-train", "4800"], ["--pool", "80000"], ["--pretrain-logit-scale", "100"]])
+def test_a_lever_that_changes_the_data_or_an_unkeyed_base_needs_its_own_folder(argv, capsys):
+    with pytest.raises(SystemExit):
+        levers.apply(*parsed(*argv))
+    err = capsys.readouterr().err
+    assert "--data" in err if "--pretrain-logit-scale" not in argv else "its own --store" in err
+
+
+def test_levers_patch_this_process_and_are_recorded(monkeypatch):
+    monkeypatch.setattr(catalog, "ALL", dict(catalog.ALL))
+    monkeypatch.setattr(catalog, "ADAPTATION", catalog.ADAPTATION)
+    monkeypatch.setattr(catalog, "PRETRAIN", catalog.PRETRAIN)
+    monkeypatch.setattr(benchmark, "create_model", benchmark.create_model)
+    record = levers.apply(*parsed("--n-train", "64", "--pool", "256", "--pretrain-logit-scale", "100",
+                                  "--data", "d", "--store", "s", "--train", "visual.proj"))
+    assert record == {"n_train": 64, "pool": 256, "pretrain_logit_scale": 100.0, "trainable": ["visual.proj"]}
+    assert {d.n_train for d in catalog.ADAPTATION} == {64} and catalog.ALL[catalog.ADAPTATION[0].name].n_train == 64
+    assert catalog.PRETRAIN.n_train == 256 and catalog.ALL[catalog.PRETRAIN.name].n_train == 256
+    model = benchmark.create_model(seed=0)
+    assert "logit_scale" not in dict(model.named_parameters())
+    assert math.exp(float(model.state_dict()["logit_scale"])) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("mode,names", [("vision", ["visual.proj"]), ("clip", ["visual.proj", "text_projection"])])
+def test_the_train_lever_fine_tunes_only_the_named_tensors(mode, names):
+    task = generate(catalog.ALL["new-shapes-photo"], "train", 0, size_factor=0.1)
+    model = create_model(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = levers.fine_tune(train, names)(model, task, TrainSection(steps=3, batch_size=16, lr=1e-2, mode=mode),
+                                         tokenizer=get_tokenizer())
+    changed = {k for k, v in res.state.items() if not torch.equal(v, before[k])}
+    assert changed == set(names)
