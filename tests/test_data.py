@@ -88,6 +88,15 @@ def test_prepare_records_digests_and_reuses_intact_datasets(data_root):
     assert prepare(data_root, seed=0, size_factor=SMALL)[name] == manifest_json["datasets"][name]
 
 
+def test_the_data_folder_does_not_depend_on_the_order_its_datasets_were_made_in(tmp_path, data_root):
+    """DVC hashes data/ with its manifest: a pipeline that made a task's datasets before the rest (as
+    `chronomerge run` and the bench scripts do, in different orders) must leave the same bytes."""
+    names = [d.name for d in catalog.ADAPTATION[:2] + catalog.EVALUATION[:1]]
+    prepare(tmp_path, seed=0, names=names[::-1], size_factor=SMALL)
+    prepare(tmp_path, seed=0, size_factor=SMALL)
+    assert (tmp_path / "manifest.json").read_bytes() == (data_root / "manifest.json").read_bytes()
+
+
 def test_prepare_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         prepare(tmp_path, names=["imagenet"])

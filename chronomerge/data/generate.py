@@ -207,8 +207,9 @@ def prepare(root: str | os.PathLike, seed: int = 0, names: list[str] | None = No
             meta["splits"][split] = {"n": len(s.labels), "captions": s.captions}
         atomic_write_bytes(folder / "meta.json", json.dumps(meta, indent=0).encode())
         digests[name], recipes[name] = dataset_digest(folder), recipe
+    # sorted, so that the file (and DVC's hash of data/) does not depend on the order datasets were made in
     atomic_write_bytes(manifest_path, json.dumps({"seed": seed, "size_factor": size_factor, "datasets": digests,
-                                                   "recipes": recipes}, indent=1).encode())
+                                                   "recipes": recipes}, indent=1, sort_keys=True).encode())
     return digests
 
 
