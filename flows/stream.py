@@ -148,16 +148,16 @@ def outside_transaction():
     When a stream runs inside a Prefect task (a sweep point, or a user's own task), Prefect makes that
     task's transaction the parent of every transaction opened inside it, and a child commits, which
     writes its result record and releases its stage lock, only when the parent does. A sweep point's
-    stages would hold their locks until the whole point ended: two points each waiting for
-    a stage the other had finished deadlocked (seen in `chronomerge report --reproduce`), and a point killed
-    midway lost the records of every stage it had finished. With no parent, each stage commits when it
-    returns. Prefect offers no public way to start a root transaction inside a task: this resets the
-    context variable its `get_transaction()` reads."""
+    stages would hold their locks until the whole point ended: two points each waiting for a stage the
+    other had finished deadlocked (seen in `chronomerge report --reproduce`), and a point killed midway
+    lost the records of every stage it had finished. Prefect offers no public way to start a root
+    transaction inside a task: this resets the context variable its `get_transaction()` reads."""
     token = BaseTransaction.__var__.set(None)
     try:
         yield
     finally:
         BaseTransaction.__var__.reset(token)
+
 
 class _NotRun(Exception):
     """The runner did not run a stage (`status` walks only what is cached): the walk stops there."""
@@ -185,17 +185,16 @@ def stream_flow(cfg: Config, project: str = ".", quiet: bool = False, tags: dict
     if stale:
         echo(f"marked {len(stale)} MLflow run(s) of an interrupted run of this stream as KILLED")
     commit = git_commit(root)
-    with outside_transaction():
+    with outside_transaction():  # every stage task below commits as it returns, inside a task or not
         digests = prepare_inputs(cfg, ws, sets)
-    tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
-                  ws.data, stale, tags or {}, name=stream_title(cfg))
-    try:
-        with outside_transaction():
+        tracker.start(key, c, cfg.digest(), commit, {n: d for n, d in digests.items() if not n.startswith("expert:")},
+                      ws.data, stale, tags or {}, name=stream_title(cfg))
+        try:
             summary = _run_tasks(cfg, ws, key, digests, tracker, commit, echo, arch, sets)
-    except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
-                       tags={"chronomerge.error": f"{type(e).__name__}: {e}"[:4000]})
-        raise
+        except BaseException as e:
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                           tags={"chronomerge.error": f"{type(e).__name__}: {e}"[:4000]})
+            raise
     history = summary.pop("history")
     paths = write_results(history, root / cfg.paths.outputs, root / cfg.paths.metrics)
     paths += write_report(history, root / cfg.paths.outputs)

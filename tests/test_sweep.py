@@ -171,10 +171,9 @@ def test_trainings_on_one_gpu_take_turns_and_cpu_trainings_do_not():
 
 
 def test_a_points_stages_commit_when_they_return_not_when_the_point_ends(tmp_path, prefect_api):
-    """A stage run inside a sweep point (any Prefect task) releases its lock and writes its record as soon as
-    it returns.
-    Under Prefect's nesting (the point task's transaction as the stages' parent) both waited for the whole
-    point, and two points each waiting for a stage the other had finished deadlocked."""
+    """A stage run inside a sweep point (any Prefect task) releases its lock and writes its record as soon
+    as it returns. Under Prefect's nesting (the point task's transaction as the stages' parent) both
+    waited for the whole point, and two points each waiting for a stage the other had finished deadlocked."""
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
