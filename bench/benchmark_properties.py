@@ -1,7 +1,8 @@
 """Is the embedded benchmark in CLIP's regime? Measures the properties it must have, for one seed.
 
-    python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams]
-        [--width W] [--layers L] [--pool N] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
+    python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams] [--device cuda]
+        [--set train.KEY=V] [--set pretrain.KEY=V] [--width W] [--layers L]
+        [--pool N] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
 
 The seed fixes the data, the base model's pretraining and the task order's training noise. Prints
 one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lines file:
@@ -39,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import levers  # noqa: E402
 
-from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
-from chronomerge.config import apply_overrides, load_config, validate  # noqa: E402
+from chronomerge.benchmark import ensure_base  # noqa: E402
+from chronomerge.config import TrainSection, apply_overrides, load_config, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
@@ -66,7 +67,9 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=20)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="train.* override of the default recipe, as `chronomerge run --set`")
+                   help="train.* or pretrain.* override of the default recipe, as `chronomerge run --set`")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to pretrain, fine-tune and evaluate (default: cuda when there is one)")
     p.add_argument("--width", type=int, help="capacity lever: both towers' width and embed_dim (embedded config: 64)")
     p.add_argument("--layers", type=int, help="capacity lever: both towers' depth (embedded config: 2)")
     p.add_argument("--out", help="append the JSON line to this file")
@@ -77,40 +80,44 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; expected a subset of {list(PARTS)}")
-    raw = load_config(None, args.set).to_dict()  # the default recipe and the --set overrides
+    if "streams" in parts and (args.width, args.layers) != (None, None):
+        p.error("--parts streams runs the pipeline's own model: it does not take --width or --layers")
+    config = load_config(None, args.set)  # the default recipe and the --set overrides
+    raw, dev = config.to_dict(), args.device
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
     arch = _arch(args.width, args.layers)
-    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=PRETRAIN)
+    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=TrainSection(**config.pretrain.model_dump()),
+                          device=dev)
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
-    base = load_model(store, base_id, arch)
+    base = load_model(store, base_id, arch).to(dev)
     tok = get_tokenizer(arch)
     held_out = {d.name: load_split(args.data, d.name, "test") for d in catalog.EVALUATION}
     tasks = build_stream("dataset-incremental", args.tasks, args.seed)
     train_sets = [task_split(args.data, t, "train") for t in tasks]
     test_sets = [task_split(args.data, t, "test") for t in tasks]
     adaptation = {t.name: s for t, s in zip(tasks, test_sets)}
-    zs_scores = evaluate(base, tok, {**held_out, **adaptation}, "cpu")
+    zs_scores = evaluate(base, tok, {**held_out, **adaptation}, dev)
     zs = summarize(zs_scores, list(adaptation), list(held_out))
     out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **record, "recipe": raw["train"],
+           "pretrain": raw["pretrain"],
            "chance": 100 * chance(held_out), "zs_a_zs": 100 * zs["A_ZS"], "zs_a_ka": 100 * zs["A_KA"]}
     log(f"zero-shot: {zs}")
-    cfg = load_config(None, args.set).train
-    cfg = cfg.model_copy(update={"seed": args.seed})
+    cfg = config.train.model_copy(update={"seed": args.seed})
 
     def expert(t: int, mode: str) -> torch.nn.Module:
         """An expert for task t trained from θ0 (mode vision: against θ0's zero-shot head)."""
         m = copy.deepcopy(base)
-        train(m, train_sets[t], cfg.model_copy(update={"mode": mode}), tokenizer=tok)
+        train(m, train_sets[t], cfg.model_copy(update={"mode": mode}), tokenizer=tok, device=dev)
         return m
 
     def own_scores(model, n: int) -> list[float]:
-        return [score(model, tok, test_sets[t], "cpu") for t in range(n)]
+        return [score(model, tok, test_sets[t], dev) for t in range(n)]
 
     def a_zs(model) -> float:
-        return summarize(evaluate(model, tok, held_out, "cpu"), [], list(held_out))["A_ZS"]
+        return summarize(evaluate(model, tok, held_out, dev), [], list(held_out))["A_ZS"]
 
     zs_own = [zs_scores[t.name] for t in tasks]
     if "experts" in parts or "merge" in parts:
@@ -118,7 +125,7 @@ def main() -> None:
         gains, drops, clip_states = [], [], []
         for t in range(n):
             m = expert(t, "clip")
-            gains.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+            gains.append(score(m, tok, test_sets[t], dev) - zs_own[t])
             if "experts" in parts:
                 drops.append(zs["A_ZS"] - a_zs(m))
             if t < MERGED:
@@ -142,12 +149,12 @@ def main() -> None:
             for t, st in enumerate(clip_states):
                 m = copy.deepcopy(base)
                 m.load_state_dict(merge("task_arithmetic", theta0, [st], scale=1 / k))
-                alone.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+                alone.append(score(m, tok, test_sets[t], dev) - zs_own[t])
             out["keep_alone_clip"] = _share(alone, gains[:k])
             vision_states, vgains = [], []
             for t in range(k):
                 m = expert(t, "vision")
-                vgains.append(score(m, tok, test_sets[t], "cpu") - zs_own[t])
+                vgains.append(score(m, tok, test_sets[t], dev) - zs_own[t])
                 vision_states.append({kk: v.clone() for kk, v in m.state_dict().items()})
             out["vision_gain_mean"] = 100 * sum(vgains) / k
             out["keep_avg_vision"] = _keep(base, merge("average", theta0, vision_states), own_scores, zs_own, vgains, k)
@@ -156,8 +163,8 @@ def main() -> None:
         seq = copy.deepcopy(base)
         diag = []
         for t in range(len(tasks)):
-            train(seq, train_sets[t], cfg, tokenizer=tok)
-            diag.append(score(seq, tok, test_sets[t], "cpu"))
+            train(seq, train_sets[t], cfg, tokenizer=tok, device=dev)
+            diag.append(score(seq, tok, test_sets[t], dev))
         final = own_scores(seq, len(tasks))
         out["seq_bwt"] = 100 * sum(final[i] - diag[i] for i in range(len(tasks) - 1)) / max(1, len(tasks) - 1)
         log(f"sequential fine-tuning: BWT {out['seq_bwt']:.1f}")
@@ -219,7 +226,7 @@ def _streams(args, raw: dict, log) -> dict[str, float]:
             cfg = apply_overrides(raw, [f"data.seed={args.seed}", f"train.seed={args.seed}",
                                         f"stream.length={args.tasks}", "tracking.enabled=false",
                                         f"data.root={Path(args.data).resolve()}",
-                                        f"paths.store={Path(args.store).resolve()}", *sets])
+                                        f"paths.store={Path(args.store).resolve()}", f"device={args.device}", *sets])
             result = stream_flow(validate(cfg), project=project, quiet=True)
             out[key] = 100 * result["final"]["GM"]
             log(f"{key}: {out[key]:.1f}")

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import levers  # noqa: E402
 from benchmark_properties import _share, emit  # noqa: E402
 
-from chronomerge.benchmark import PRETRAIN, ensure_base  # noqa: E402
-from chronomerge.config import load_config  # noqa: E402
+from chronomerge.benchmark import ensure_base  # noqa: E402
+from chronomerge.config import TrainSection, load_config  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
 from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--store", default="store")
     p.add_argument("--tasks", type=int, default=8, help="K, the first K tasks of the default stream")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* or pretrain.* override")
     p.add_argument("--multitask", action="store_true", help="also train one model on the K tasks at once")
     p.add_argument("--probe", action="store_true", help="also fit linear probes on base and expert features")
     p.add_argument("--out", help="append the JSON line to this file")
@@ -121,10 +121,11 @@ def main() -> None:
     t0 = time.perf_counter()
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    base_id = ensure_base(store, args.data, args.seed, cfg=PRETRAIN)
+    config = load_config(None, args.set)
+    base_id = ensure_base(store, args.data, args.seed, cfg=TrainSection(**config.pretrain.model_dump()))
     base = load_model(store, base_id)
     tok = get_tokenizer()
-    cfg = load_config(None, args.set).train.model_copy(update={"seed": args.seed})
+    cfg = config.train.model_copy(update={"seed": args.seed})
     k = args.tasks
     tasks = build_stream("dataset-incremental", k, args.seed)
     train_sets = [task_split(args.data, t, "train") for t in tasks]
