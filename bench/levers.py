@@ -10,6 +10,9 @@ apply in their own process only (the committed benchmark is unchanged), recorded
                               (e.g. visual.proj, in which the image features are linear); the logit scale and
                               everything else stay at θ0; pretraining is unchanged
 
+The pretraining recipe itself (steps, batch size, learning rate) is not a lever here: both scripts take it
+as `--set pretrain.KEY=VALUE`, validated like params.yaml, and the base's store key records it.
+
 The datasets differ under --pool and --n-train: give them a data folder of their own (--data). The base's
 store key records the pool (its digest) but not the fixed scale: give --pretrain-logit-scale a store of its
 own (--store).

@@ -1,6 +1,6 @@
 """Why does averaging keep so little of the experts' gain? One seed, one fine-tuning recipe.
 
-    python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...]
+    python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...] [--device cuda]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
         [--n-train N] [--pool N] [--pretrain-logit-scale S] [--train NAME,...]  (bench/levers.py)
 
@@ -65,15 +65,17 @@ def probe(model, train_split, test_split) -> float | None:
 
     if train_split.kind != "classification":
         return None
-    features = encode_images(model, train_split.images, "cpu").numpy()
+    features = encode_images(model, train_split.images, device_of(model)).cpu().numpy()
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(features, train_split.labels)
-    return float(clf.score(encode_images(model, test_split.images, "cpu").numpy(), test_split.labels))
+    test = encode_images(model, test_split.images, device_of(model)).cpu().numpy()
+    return float(clf.score(test, test_split.labels))
 
 
 def margins(model, tokenizer, split) -> np.ndarray:
     """Per test image: the true class's cosine minus the best other class's (the model's own text head)."""
-    head = text_head(model, tokenizer, split.classes, split.templates, "cpu")
-    sims = (encode_images(model, split.images, "cpu") @ head).numpy()
+    dev = device_of(model)
+    head = text_head(model, tokenizer, split.classes, split.templates, dev)
+    sims = (encode_images(model, split.images, dev) @ head).cpu().numpy()
     rows = np.arange(len(split.labels))
     true = sims[rows, split.labels].copy()
     sims[rows, split.labels] = -np.inf
@@ -96,12 +98,16 @@ def crossing(base, expert, tokenizer, split) -> dict | None:
 def geometry(base, expert, scaled, split) -> dict:
     """How far the expert turns the features, and how far θ0 + τ/K gets (see `geometry` above)."""
     with torch.no_grad():
-        g0, g1, gk = (encode_images(m, split.images, "cpu", normalize=False) for m in (base, expert, scaled))
+        g0, g1, gk = (encode_images(m, split.images, device_of(m), normalize=False) for m in (base, expert, scaled))
     f0, f1, fk = (torch.nn.functional.normalize(g, dim=1) for g in (g0, g1, gk))
     way = ((fk - f0) * (f1 - f0)).sum(1) / ((f1 - f0) ** 2).sum(1).clamp_min(1e-12)
     return {"cos": round(float(torch.nn.functional.cosine_similarity(g0, g1).median()), 3),
             "norm_ratio": round(float((g1.norm(dim=1) / g0.norm(dim=1)).median()), 3),
             "moved_at_tau_over_k": round(float(way.median()), 3)}
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def main() -> None:
@@ -113,6 +119,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.* or pretrain.* override")
     p.add_argument("--multitask", action="store_true", help="also train one model on the K tasks at once")
     p.add_argument("--probe", action="store_true", help="also fit linear probes on base and expert features")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to pretrain, fine-tune and evaluate (default: cuda when there is one)")
     p.add_argument("--out", help="append the JSON line to this file")
     levers.add_arguments(p, trainable=True)
     args = p.parse_args()
@@ -122,8 +130,9 @@ def main() -> None:
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
     config = load_config(None, args.set)
-    base_id = ensure_base(store, args.data, args.seed, cfg=TrainSection(**config.pretrain.model_dump()))
-    base = load_model(store, base_id)
+    dev = args.device
+    base_id = ensure_base(store, args.data, args.seed, cfg=TrainSection(**config.pretrain.model_dump()), device=dev)
+    base = load_model(store, base_id).to(dev)
     tok = get_tokenizer()
     cfg = config.train.model_copy(update={"seed": args.seed})
     k = args.tasks
@@ -133,27 +142,27 @@ def main() -> None:
     held_out = {d.name: load_split(args.data, d.name, "test") for d in catalog.EVALUATION}
 
     def a_zs(model) -> float:
-        return summarize(evaluate(model, tok, held_out, "cpu"), [], list(held_out))["A_ZS"]
+        return summarize(evaluate(model, tok, held_out, dev), [], list(held_out))["A_ZS"]
 
     def gains_of(model) -> list[float]:
-        return [score(model, tok, s, "cpu") - z for s, z in zip(test_sets, zs)]
+        return [score(model, tok, s, dev) - z for s, z in zip(test_sets, zs)]
 
     def loaded(state: dict):
         m = copy.deepcopy(base)
         m.load_state_dict(state)
         return m
 
-    zs, zs_a_zs, theta0 = [score(base, tok, s, "cpu") for s in test_sets], a_zs(base), base.state_dict()
+    zs, zs_a_zs, theta0 = [score(base, tok, s, dev) for s in test_sets], a_zs(base), base.state_dict()
     states, gains, alone, drops, probes, crossings, geometries = [], [], [], [], [], [], []
     for t in range(k):
         m = copy.deepcopy(base)
-        fine_tune(m, train_sets[t], cfg, tokenizer=tok)
+        fine_tune(m, train_sets[t], cfg, tokenizer=tok, device=dev)
         states.append({n: v.clone() for n, v in m.state_dict().items()})
-        own = score(m, tok, test_sets[t], "cpu")
+        own = score(m, tok, test_sets[t], dev)
         gains.append(own - zs[t])
         drops.append(zs_a_zs - a_zs(m))
         scaled = loaded(merge("task_arithmetic", theta0, [states[-1]], scale=1 / k))
-        alone.append(score(scaled, tok, test_sets[t], "cpu") - zs[t])
+        alone.append(score(scaled, tok, test_sets[t], dev) - zs[t])
         geometries.append(geometry(base, m, scaled, test_sets[t]))
         crossings.append(crossing(base, m, tok, test_sets[t]))
         if args.probe:
@@ -169,7 +178,7 @@ def main() -> None:
     if args.multitask:
         m = copy.deepcopy(base)
         fine_tune(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
-                  tokenizer=tok)
+                  tokenizer=tok, device=dev)
         out["keep_multitask"] = _share(gains_of(m), gains)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None

@@ -1,6 +1,8 @@
 """The regime levers of bench/benchmark_properties.py and bench/mergeability_diagnosis.py do what they say."""
 import argparse
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,9 +14,11 @@ from chronomerge.config import TrainSection
 from chronomerge.data import catalog
 from chronomerge.data.generate import generate
 from chronomerge.models import create_model, get_tokenizer
+from chronomerge.store import CheckpointStore
 from chronomerge.train import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 import levers  # noqa: E402
 
 
@@ -58,3 +62,22 @@ def test_the_train_lever_fine_tunes_only_the_named_tensors(mode, names):
                                          tokenizer=get_tokenizer())
     changed = {k for k, v in res.state.items() if not torch.equal(v, before[k])}
     assert changed == set(names)
+
+
+def test_benchmark_properties_pretrains_its_base_with_the_pretrain_overrides(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "benchmark_properties.py"), "--parts", "zs", "--device", "cpu",
+                          "--set", "pretrain.steps=3", "--set", "pretrain.batch_size=8",
+                          "--data", str(tmp_path / "d"), "--store", str(tmp_path / "s")],
+                         capture_output=True, text=True, check=True).stdout
+    line = json.loads(out)
+    assert (line["pretrain"]["steps"], line["pretrain"]["batch_size"]) == (3, 8)
+    store = CheckpointStore(tmp_path / "s")
+    (base,) = store.ids()
+    assert base.startswith(line["base"])
+    assert (store.meta(base)["hparams"]["steps"], store.meta(base)["hparams"]["batch_size"]) == (3, 8)
+
+
+def test_benchmark_properties_refuses_a_stream_at_another_width():
+    r = subprocess.run([sys.executable, str(BENCH / "benchmark_properties.py"), "--parts", "streams", "--width", "96"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "does not take --width or --layers" in r.stderr
