@@ -2,7 +2,7 @@
 
     python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams] [--device cuda]
         [--set train.KEY=V] [--set pretrain.KEY=V] [--width W] [--layers L]
-        [--pool N] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
+        [--pool N] [--tail-share S] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
 
 The seed fixes the data, the base model's pretraining and the task order's training noise. Prints
 one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lines file:

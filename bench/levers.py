@@ -2,6 +2,9 @@
 apply in their own process only (the committed benchmark is unchanged), recorded in their result line.
 
     --pool N                  the pretraining pool's size (committed: 20,000), the base pretrained on it
+    --tail-share S            the pool's share of long-tail images, which show the adaptation tasks' concepts
+                              and domains (committed: 0.3); a thinner tail leaves a longer-pretrained base
+                              more to learn on them
     --n-train N               every adaptation dataset's training-set size (committed: 480; test sets unchanged)
     --pretrain-logit-scale S  pretrain the base with its logit scale fixed at S (a buffer, not a parameter;
                               CLIP's learnt scale sits at its cap of 100, the embedded base learns about 29);
@@ -13,7 +16,7 @@ apply in their own process only (the committed benchmark is unchanged), recorded
 The pretraining recipe itself (steps, batch size, learning rate) is not a lever here: both scripts take it
 as `--set pretrain.KEY=VALUE`, validated like params.yaml, and the base's store key records it.
 
-The datasets differ under --pool and --n-train: give them a data folder of their own (--data). The base's
+The datasets differ under --pool, --tail-share and --n-train: give them a data folder of their own (--data). The base's
 store key records the pool (its digest) but not the fixed scale: give --pretrain-logit-scale a store of its
 own (--store).
 """
@@ -34,6 +37,7 @@ from chronomerge.data import catalog
 def add_arguments(p: argparse.ArgumentParser, trainable: bool = False) -> None:
     g = p.add_argument_group("regime levers (bench/levers.py)")
     g.add_argument("--pool", type=int, metavar="N", help="pretraining pool of N images (own --data)")
+    g.add_argument("--tail-share", type=float, metavar="S", help="the pool's long-tail share, in (0, 1) (own --data)")
     g.add_argument("--n-train", type=int, metavar="N", help="N training images per adaptation dataset (own --data)")
     g.add_argument("--pretrain-logit-scale", type=float, metavar="S",
                    help="pretrain with the logit scale fixed at S (needs its own --store)")
@@ -44,14 +48,22 @@ def add_arguments(p: argparse.ArgumentParser, trainable: bool = False) -> None:
 def apply(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """Patch this process for the levers given; returns what to record in the result line."""
     record: dict = {}
-    if (args.pool is not None or args.n_train is not None) and args.data == "data":
-        p.error("--pool and --n-train change the datasets: give them a data folder of their own (--data)")
+    if (args.pool, args.tail_share, args.n_train) != (None, None, None) and args.data == "data":
+        p.error("--pool, --tail-share and --n-train change the datasets: give them a data folder of their own (--data)")
+    if args.tail_share is not None and not 0 < args.tail_share < 1:
+        p.error(f"--tail-share {args.tail_share}: expected a number in (0, 1)")
     if args.pretrain_logit_scale is not None and args.store == "store":
         p.error("--pretrain-logit-scale changes the base under the same store key: give it its own --store")
     if args.pool is not None:
         catalog.PRETRAIN = dataclasses.replace(catalog.PRETRAIN, n_train=args.pool)
         catalog.ALL[catalog.PRETRAIN.name] = catalog.PRETRAIN
         record["pool"] = args.pool
+    if args.tail_share is not None:
+        (head, _), (tail, _) = catalog.PRETRAIN.mix
+        mix = ((head, 1 - args.tail_share), (tail, args.tail_share))
+        catalog.PRETRAIN = dataclasses.replace(catalog.PRETRAIN, mix=mix)
+        catalog.ALL[catalog.PRETRAIN.name] = catalog.PRETRAIN
+        record["tail_share"] = args.tail_share
     if args.n_train is not None:
         catalog.ADAPTATION = tuple(dataclasses.replace(d, n_train=args.n_train) for d in catalog.ADAPTATION)
         catalog.ALL.update({d.name: d for d in catalog.ADAPTATION})

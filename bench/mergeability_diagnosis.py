@@ -2,7 +2,7 @@
 
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...] [--device cuda]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
-        [--n-train N] [--pool N] [--pretrain-logit-scale S] [--train NAME,...]  (bench/levers.py)
+        [--n-train N] [--pool N] [--tail-share S] [--pretrain-logit-scale S] [--train NAME,...]  (bench/levers.py)
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):

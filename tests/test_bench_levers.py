@@ -31,6 +31,8 @@ def parsed(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 
 @pytest.mark.parametrize("argv,names", [(["--n-train", "4800"], "(--data)"), (["--pool", "80000"], "(--data)"),
+                                        (["--tail-share", "0.1"], "(--data)"),
+                                        (["--tail-share", "1.5", "--data", "d"], "expected a number in (0, 1)"),
                                         (["--pretrain-logit-scale", "100"], "its own --store")])
 def test_a_lever_that_changes_the_data_or_an_unkeyed_base_needs_its_own_folder(argv, names, capsys):
     with pytest.raises(SystemExit):
@@ -43,11 +45,18 @@ def test_levers_patch_this_process_and_are_recorded(monkeypatch):
     monkeypatch.setattr(catalog, "ADAPTATION", catalog.ADAPTATION)
     monkeypatch.setattr(catalog, "PRETRAIN", catalog.PRETRAIN)
     monkeypatch.setattr(benchmark, "create_model", benchmark.create_model)
-    record = levers.apply(*parsed("--n-train", "64", "--pool", "256", "--pretrain-logit-scale", "100",
-                                  "--data", "d", "--store", "s", "--train", "visual.proj"))
-    assert record == {"n_train": 64, "pool": 256, "pretrain_logit_scale": 100.0, "trainable": ["visual.proj"]}
+    record = levers.apply(*parsed("--n-train", "64", "--pool", "256", "--tail-share", "0.1",
+                                  "--pretrain-logit-scale", "100", "--data", "d", "--store", "s",
+                                  "--train", "visual.proj"))
+    assert record == {"n_train": 64, "pool": 256, "tail_share": 0.1, "pretrain_logit_scale": 100.0,
+                      "trainable": ["visual.proj"]}
     assert {d.n_train for d in catalog.ADAPTATION} == {64} and catalog.ALL[catalog.ADAPTATION[0].name].n_train == 64
     assert catalog.PRETRAIN.n_train == 256 and catalog.ALL[catalog.PRETRAIN.name].n_train == 256
+    assert [share for _, share in catalog.ALL[catalog.PRETRAIN.name].mix] == pytest.approx([0.9, 0.1])
+    pool = generate(catalog.PRETRAIN, "train", 0)
+    head = set(catalog.PRETRAIN.mix[0][0].concepts)
+    tail_only = sum(catalog.PRETRAIN.concepts[y] not in head for y in pool.labels)
+    assert 0 < tail_only < 0.1 * 256  # only the tail shows the adaptation concepts
     model = benchmark.create_model(seed=0)
     assert "logit_scale" not in dict(model.named_parameters())
     assert math.exp(float(model.state_dict()["logit_scale"])) == pytest.approx(100.0)
