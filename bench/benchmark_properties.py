@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import levers  # noqa: E402
 
-from chronomerge.benchmark import ensure_base  # noqa: E402
-from chronomerge.config import TrainSection, apply_overrides, load_config, validate  # noqa: E402
+from chronomerge.benchmark import ensure_base, pretrain_recipe  # noqa: E402
+from chronomerge.config import apply_overrides, load_config, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
     arch = _arch(args.width, args.layers)
-    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=TrainSection(**config.pretrain.model_dump()),
+    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=pretrain_recipe(config.pretrain),
                           device=dev)
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
     base = load_model(store, base_id, arch).to(dev)

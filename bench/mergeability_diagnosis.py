@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import levers  # noqa: E402
 from benchmark_properties import _share, emit  # noqa: E402
 
-from chronomerge.benchmark import ensure_base  # noqa: E402
-from chronomerge.config import TrainSection, load_config  # noqa: E402
+from chronomerge.benchmark import ensure_base, pretrain_recipe  # noqa: E402
+from chronomerge.config import load_config  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
 from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
@@ -131,7 +131,7 @@ def main() -> None:
     store = CheckpointStore(args.store)
     config = load_config(None, args.set)
     dev = args.device
-    base_id = ensure_base(store, args.data, args.seed, cfg=TrainSection(**config.pretrain.model_dump()), device=dev)
+    base_id = ensure_base(store, args.data, args.seed, cfg=pretrain_recipe(config.pretrain), device=dev)
     base = load_model(store, base_id).to(dev)
     tok = get_tokenizer()
     cfg = config.train.model_copy(update={"seed": args.seed})

@@ -19,8 +19,14 @@ from chronomerge.resume import Checkpointing
 from chronomerge.store import CheckpointStore
 from chronomerge.train import pretrain
 
-# The default pretraining recipe: params.yaml's `pretrain` section, the rest of training at its defaults.
-PRETRAIN = TrainSection(**PretrainSection().model_dump())
+
+def pretrain_recipe(section: PretrainSection) -> TrainSection:
+    """The training config that pretrains the base: params.yaml's `pretrain` section, the rest of training
+    at its defaults."""
+    return TrainSection(**section.model_dump())
+
+
+PRETRAIN = pretrain_recipe(PretrainSection())  # the default recipe
 
 
 def base_recipe(model: str, seed: int, pool_digest: str, cfg: TrainSection) -> dict:
