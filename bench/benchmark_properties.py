@@ -1,8 +1,9 @@
 """Is the embedded benchmark in CLIP's regime? Measures the properties it must have, for one seed.
 
     python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams] [--device cuda]
-        [--set train.KEY=V] [--set pretrain.KEY=V] [--width W] [--layers L]
-        [--pool N] [--tail-share S] [--n-train N] [--pretrain-logit-scale S]  (levers: bench/levers.py)
+        [--set train.KEY=V] [--set pretrain.KEY=V]
+        [--width W] [--layers L] [--pool N] [--tail-share S] [--n-train N] [--pretrain-logit-scale S]
+        (levers: bench/levers.py)
 
 The seed fixes the data, the base model's pretraining and the task order's training noise. Prints
 one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lines file:
@@ -46,12 +47,7 @@ from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
 from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import (  # noqa: E402
-    TINY,
-    arch_of,
-    get_tokenizer,
-    load_model,  # noqa: E402
-)
+from chronomerge.models import arch_of, get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
 
@@ -70,8 +66,6 @@ def main() -> None:
                    help="train.* or pretrain.* override of the default recipe, as `chronomerge run --set`")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to pretrain, fine-tune and evaluate (default: cuda when there is one)")
-    p.add_argument("--width", type=int, help="capacity lever: both towers' width and embed_dim (embedded config: 64)")
-    p.add_argument("--layers", type=int, help="capacity lever: both towers' depth (embedded config: 2)")
     p.add_argument("--out", help="append the JSON line to this file")
     levers.add_arguments(p)
     p.add_argument("--verbose", action="store_true")
@@ -88,7 +82,7 @@ def main() -> None:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    arch = _arch(args.width, args.layers)
+    arch = levers.arch(args)
     base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=pretrain_recipe(config.pretrain),
                           device=dev)
     log(f"base {base_id[:12]} ready after {time.perf_counter() - t0:.0f} s")
@@ -182,20 +176,6 @@ def emit(out: dict, path: str | None) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
-
-
-def _arch(width: int | None, layers: int | None):
-    """The embedded config, or a variant of it at another width or depth (same preprocessing)."""
-    if width is None and layers is None:
-        return TINY
-    a = copy.deepcopy(arch_of(TINY))
-    c = a["config"]
-    if width is not None:
-        c["embed_dim"] = c["vision_cfg"]["width"] = c["text_cfg"]["width"] = width
-    if layers is not None:
-        c["vision_cfg"]["layers"] = c["text_cfg"]["layers"] = layers
-    a["name"] = f"{TINY}-w{c['embed_dim']}-l{c['vision_cfg']['layers']}"
-    return a
 
 
 def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float | None:

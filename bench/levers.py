@@ -9,6 +9,8 @@ apply in their own process only (the committed benchmark is unchanged), recorded
     --pretrain-logit-scale S  pretrain the base with its logit scale fixed at S (a buffer, not a parameter;
                               CLIP's learnt scale sits at its cap of 100, the embedded base learns about 29);
                               the experts fine-tune it as usual
+    --width W, --layers L     both towers' width (and embed_dim) and depth (embedded config: 64, 2); the base
+                              is pretrained at that size under its own store key (`levers.arch`)
     --train NAME[,NAME...]    (mergeability_diagnosis.py) fine-tune only these tensors of the open_clip model
                               (e.g. visual.proj, in which the image features are linear); the logit scale and
                               everything else stay at θ0; pretraining is unchanged
@@ -23,6 +25,7 @@ own (--store).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -32,6 +35,7 @@ import torch
 import chronomerge.benchmark as benchmark
 import chronomerge.train as train_module
 from chronomerge.data import catalog
+from chronomerge.models import TINY, arch_of
 
 
 def add_arguments(p: argparse.ArgumentParser, trainable: bool = False) -> None:
@@ -41,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser, trainable: bool = False) -> None:
     g.add_argument("--n-train", type=int, metavar="N", help="N training images per adaptation dataset (own --data)")
     g.add_argument("--pretrain-logit-scale", type=float, metavar="S",
                    help="pretrain with the logit scale fixed at S (needs its own --store)")
+    g.add_argument("--width", type=int, help="both towers' width and embed_dim (embedded config: 64)")
+    g.add_argument("--layers", type=int, help="both towers' depth (embedded config: 2)")
     if trainable:
         g.add_argument("--train", metavar="NAME[,NAME...]", help="fine-tune only these parameters")
 
@@ -82,6 +88,21 @@ def apply(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if getattr(args, "train", None):
         record["trainable"] = args.train.split(",")
     return record
+
+
+def arch(args: argparse.Namespace) -> str | dict:
+    """The embedded config, or a variant of it at `--width` / `--layers` (same preprocessing), named
+    `chronoclip-tiny-w<W>-l<L>` so that its base has a store key of its own."""
+    if (args.width, args.layers) == (None, None):
+        return TINY
+    a = copy.deepcopy(arch_of(TINY))
+    c = a["config"]
+    if args.width is not None:
+        c["embed_dim"] = c["vision_cfg"]["width"] = c["text_cfg"]["width"] = args.width
+    if args.layers is not None:
+        c["vision_cfg"]["layers"] = c["text_cfg"]["layers"] = args.layers
+    a["name"] = f"{TINY}-w{c['embed_dim']}-l{c['vision_cfg']['layers']}"
+    return a
 
 
 def fine_tune(train: Callable, names: list[str] | None) -> Callable:

@@ -2,7 +2,8 @@
 
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...] [--device cuda]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
-        [--n-train N] [--pool N] [--tail-share S] [--pretrain-logit-scale S] [--train NAME,...]  (bench/levers.py)
+        [--width W] [--layers L] [--n-train N] [--pool N] [--tail-share S] [--pretrain-logit-scale S]
+        [--train NAME,...]  (levers: bench/levers.py)
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
@@ -28,7 +29,9 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          and the ratio of their norms) and how far θ0 + τ/K's normalised features have
                          moved towards the expert's (projection onto f_expert − f_θ0, as a fraction:
                          1/K if the features were linear in the weights, 0.075 for K = 8 when a
-                         90° turn is interpolated and renormalised)
+                         90° turn is interpolated and renormalised), and the same for the unnormalised
+                         features (`raw_moved_at_tau_over_k`: 1/K exactly when they are linear in the
+                         weights, so a shortfall there is the network's curvature, not renormalisation)
 Every keep_* is a ratio of means (`benchmark_properties._share`).
 """
 from __future__ import annotations
@@ -54,7 +57,7 @@ from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, multitask, task_split  # noqa: E402
 from chronomerge.evaluate import encode_images, evaluate, score, summarize, text_head  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
-from chronomerge.models import get_tokenizer, load_model  # noqa: E402
+from chronomerge.models import arch_of, get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
 
@@ -100,10 +103,14 @@ def geometry(base, expert, scaled, split) -> dict:
     with torch.no_grad():
         g0, g1, gk = (encode_images(m, split.images, device_of(m), normalize=False) for m in (base, expert, scaled))
     f0, f1, fk = (torch.nn.functional.normalize(g, dim=1) for g in (g0, g1, gk))
-    way = ((fk - f0) * (f1 - f0)).sum(1) / ((f1 - f0) ** 2).sum(1).clamp_min(1e-12)
+
+    def way(a, b, c):  # how far c has moved from a towards b, as a fraction of the way (per image)
+        return ((c - a) * (b - a)).sum(1) / ((b - a) ** 2).sum(1).clamp_min(1e-12)
+
     return {"cos": round(float(torch.nn.functional.cosine_similarity(g0, g1).median()), 3),
             "norm_ratio": round(float((g1.norm(dim=1) / g0.norm(dim=1)).median()), 3),
-            "moved_at_tau_over_k": round(float(way.median()), 3)}
+            "moved_at_tau_over_k": round(float(way(f0, f1, fk).median()), 3),
+            "raw_moved_at_tau_over_k": round(float(way(g0, g1, gk).median()), 3)}
 
 
 def device_of(model) -> torch.device:
@@ -131,9 +138,10 @@ def main() -> None:
     store = CheckpointStore(args.store)
     config = load_config(None, args.set)
     dev = args.device
-    base_id = ensure_base(store, args.data, args.seed, cfg=pretrain_recipe(config.pretrain), device=dev)
-    base = load_model(store, base_id).to(dev)
-    tok = get_tokenizer()
+    arch = levers.arch(args)
+    base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=pretrain_recipe(config.pretrain), device=dev)
+    base = load_model(store, base_id, arch).to(dev)
+    tok = get_tokenizer(arch)
     cfg = config.train.model_copy(update={"seed": args.seed})
     k = args.tasks
     tasks = build_stream("dataset-incremental", k, args.seed)
@@ -169,7 +177,8 @@ def main() -> None:
             probes.append({"task": tasks[t].name, "zero_shot": round(100 * zs[t], 1), "expert": round(100 * own, 1),
                            "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
                            "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
-    out = {"seed": args.seed, "base": base_id[:12], **record, "tasks": k, "set": args.set,
+    out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **record, "tasks": k,
+           "set": args.set,
            "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
            "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
            "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
@@ -184,6 +193,7 @@ def main() -> None:
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
     out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}
     out["moved_at_tau_over_k_median"] = float(np.median([g["moved_at_tau_over_k"] for g in geometries]))
+    out["raw_moved_at_tau_over_k_median"] = float(np.median([g["raw_moved_at_tau_over_k"] for g in geometries]))
     out["feature_cos_median"] = float(np.median([g["cos"] for g in geometries]))
     out["geometry"] = {tasks[t].name: g for t, g in enumerate(geometries)}
     if probes:

@@ -90,3 +90,13 @@ def test_benchmark_properties_refuses_a_stream_at_another_width():
     r = subprocess.run([sys.executable, str(BENCH / "benchmark_properties.py"), "--parts", "streams", "--width", "96"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not take --width or --layers" in r.stderr
+
+
+def test_the_width_and_depth_levers_name_a_model_of_that_size():
+    assert levers.arch(parsed()[1]) == "chronoclip-tiny"
+    arch = levers.arch(parsed("--width", "96", "--layers", "3")[1])
+    assert arch["name"] == "chronoclip-tiny-w96-l3"  # its own base store key (`benchmark.base_recipe`)
+    model = create_model(arch)
+    assert model.visual.proj.shape == (96, 96) and model.text_projection.shape == (96, 96)
+    assert len(model.visual.transformer.resblocks) == len(model.transformer.resblocks) == 3
+    assert levers.arch(parsed("--layers", "4")[1])["name"] == "chronoclip-tiny-w64-l4"
