@@ -60,9 +60,11 @@ def _checked(args):
 
 
 def cmd_run(args, cfg=None) -> int:
-    cfg = cfg or _checked(args)[0]
-    with booting():
-        from flows.stream import stream_flow
+    cfg = cfg or _config(args)  # the schema: a bad value fails before Prefect starts
+    with booting():  # the rest of the checks import torch and open_clip while the server boots
+        from flows.stream import check, stream_flow
+
+        check(cfg)
     summary = stream_flow(cfg, project=".", quiet=args.quiet)
     f = summary["final"]
     print(f"final: {scores_line(f, digits=2)}")
@@ -263,9 +265,12 @@ def cmd_diff(args) -> int:
 
 
 def cmd_update(args) -> int:
-    _checked(args)  # a bad params file fails before Prefect starts
-    with booting():
+    cfg = _config(args)  # a bad params file fails before Prefect starts
+    with booting():  # the rest of the checks import torch and open_clip while the server boots
+        from flows.stream import check
         from flows.update import update_flow
+
+        check(cfg)
     update_flow(project=".", params=args.params, sets=args.set, announce=True)
     return 0
 

@@ -1,8 +1,9 @@
 """Prefect servers for the commands: the temporary one a flow runs against, and the long-running one
 that scheduled runs need.
 
-* `booting()`: Prefect's temporary local server takes seconds to boot; a command starts it in the
-  background, imports torch and open_clip meanwhile, and waits for it before the flow starts.
+* `booting()`: Prefect's temporary local server takes seconds to boot; a command checks its params'
+  schema, starts the server in the background, imports torch and open_clip and checks the rest meanwhile,
+  and waits for it before the flow starts.
 * `server_for_schedules()`: the temporary server refuses to schedule, so `chronomerge serve` starts
   `prefect server start` on loopback under PREFECT_HOME and points PREFECT_API_URL at it.
 * Orphans: a server outlives a command killed with SIGKILL (nothing in the command runs then). Each
@@ -74,7 +75,9 @@ def reap_orphans() -> list[int]:
 @contextlib.contextmanager
 def booting():
     """Boot the temporary server in the background for the body of the `with` (imports, checks), and
-    wait for it at the end. Nothing to boot when PREFECT_API_URL names a server."""
+    wait for it at the end. When the body fails (a user's bad field), the server is stopped before the
+    error goes on, so a refused command leaves none running. Nothing to boot when PREFECT_API_URL names
+    a server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     boot = None
@@ -84,7 +87,13 @@ def booting():
         server = SubprocessASGIServer()
         boot = threading.Thread(target=server.start, daemon=True)
         boot.start()
-    yield
+    try:
+        yield
+    except BaseException:
+        if boot is not None:
+            boot.join()
+            server.stop()
+        raise
     if boot is not None:
         boot.join()
         if server.server_process is not None:

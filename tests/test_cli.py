@@ -80,6 +80,33 @@ def test_exit_codes_say_what_went_wrong_in_one_line(project, prefect_api):
     assert line.count("diverged") == 1 and line.endswith("(--debug shows the traceback)")
 
 
+def _processes_of(home: Path) -> list[int]:
+    """Pids of the live processes started with PREFECT_HOME=`home` (a command and the servers it started)."""
+    mine = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                mine.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return mine
+
+
+def test_a_bad_architecture_is_refused_and_leaves_no_prefect_server_running(tmp_path):
+    """The temporary server boots while the params are checked beyond their schema; a refusal stops it."""
+    import os
+
+    (tmp_path / "params.yaml").write_text("model:\n  name: no-such-architecture\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: model.name: unknown open_clip architecture 'no-such-architecture'")
+    assert _processes_of(tmp_path / ".prefect") == []
+
+
 @pytest.mark.parametrize("after", [1, 20], ids=["while-starting", "inside-training"])
 def test_ctrl_c_stops_at_once_with_exit_130_and_the_rerun_resumes(project, prefect_api, after):
     import signal
