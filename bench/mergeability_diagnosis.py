@@ -3,7 +3,7 @@
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...] [--device cuda]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
         [--width W] [--layers L] [--n-train N] [--pool N] [--tail-share S] [--pretrain-logit-scale S]
-        [--train NAME,...]  (levers: bench/levers.py)
+        [--train NAME,...]  (levers: bench/levers.py)  [--tangent]
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
@@ -33,6 +33,12 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          features (`raw_moved_at_tau_over_k`: 1/K exactly when they are linear in the
                          weights, so a shortfall there is the network's curvature, not renormalisation)
 Every keep_* is a ratio of means (`benchmark_properties._share`).
+
+--tangent (needs train.mode=linear) evaluates every model, experts and merges alike, as the linearized
+model the experts were trained as, f(x; θ0) + J_θ f(x; θ0)·(θ − θ0) for the image tower (`Tangent`), instead
+of as the open_clip model θ the pipeline deploys. There the image features are linear in the weights exactly
+(`raw_moved_at_tau_over_k` is 1/K), so what averaging loses is the crossing and the interference alone, not
+the network's curvature (tangent task arithmetic, Ortiz-Jiménez et al., NeurIPS 2023).
 """
 from __future__ import annotations
 
@@ -59,7 +65,27 @@ from chronomerge.evaluate import encode_images, evaluate, score, summarize, text
 from chronomerge.merge import merge  # noqa: E402
 from chronomerge.models import arch_of, get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
-from chronomerge.train import train  # noqa: E402
+from chronomerge.train import Linearized, train  # noqa: E402
+
+
+class Tangent(torch.nn.Module):
+    """θ0's CLIP with its image tower evaluated in θ0's tangent space at the weights `state` (--tangent):
+    image features f(x; θ0) + J_θ f(x; θ0)·(θ − θ0); the text tower and logit scale are θ0's (a linearized
+    expert leaves them there). Evaluates like an open_clip model (`encode_image`, `encode_text`, `visual`)."""
+
+    def __init__(self, base: torch.nn.Module, state: dict):
+        super().__init__()
+        self.clip = copy.deepcopy(base)
+        self.visual = self.clip.visual
+        self.lin = Linearized(self.clip)
+        for name, tau in self.lin.tau.items():
+            tau.data = state[name].to(tau.device) - self.lin.theta0[name.removeprefix("visual.")]
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.lin.encode_image(x, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_text(text, normalize=normalize)
 
 
 def probe(model, train_split, test_split) -> float | None:
@@ -129,14 +155,18 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to pretrain, fine-tune and evaluate (default: cuda when there is one)")
     p.add_argument("--out", help="append the JSON line to this file")
+    p.add_argument("--tangent", action="store_true",
+                   help="evaluate every model in θ0's tangent space, where linearized experts train")
     levers.add_arguments(p, trainable=True)
     args = p.parse_args()
     record = levers.apply(p, args)
     fine_tune = levers.fine_tune(train, record.get("trainable"))
+    config = load_config(None, args.set)
+    if args.tangent and (config.train.mode != "linear" or record.get("trainable")):
+        p.error("--tangent evaluates linearized experts: it needs --set train.mode=linear and no --train")
     t0 = time.perf_counter()
     prepare(args.data, args.seed)
     store = CheckpointStore(args.store)
-    config = load_config(None, args.set)
     dev = args.device
     arch = levers.arch(args)
     base_id = ensure_base(store, args.data, args.seed, arch=arch, cfg=pretrain_recipe(config.pretrain), device=dev)
@@ -156,6 +186,8 @@ def main() -> None:
         return [score(model, tok, s, dev) - z for s, z in zip(test_sets, zs)]
 
     def loaded(state: dict):
+        if args.tangent:
+            return Tangent(base, state)
         m = copy.deepcopy(base)
         m.load_state_dict(state)
         return m
@@ -166,6 +198,7 @@ def main() -> None:
         m = copy.deepcopy(base)
         fine_tune(m, train_sets[t], cfg, tokenizer=tok, device=dev)
         states.append({n: v.clone() for n, v in m.state_dict().items()})
+        m = loaded(states[-1]) if args.tangent else m
         own = score(m, tok, test_sets[t], dev)
         gains.append(own - zs[t])
         drops.append(zs_a_zs - a_zs(m))
@@ -178,7 +211,7 @@ def main() -> None:
                            "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
                            "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
     out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **record, "tasks": k,
-           "set": args.set,
+           "set": args.set, **({"evaluated": "tangent"} if args.tangent else {}),
            "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
            "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
            "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
@@ -188,7 +221,7 @@ def main() -> None:
         m = copy.deepcopy(base)
         fine_tune(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
                   tokenizer=tok, device=dev)
-        out["keep_multitask"] = _share(gains_of(m), gains)
+        out["keep_multitask"] = _share(gains_of(loaded(m.state_dict()) if args.tangent else m), gains)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
     out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}

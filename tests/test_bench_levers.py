@@ -100,3 +100,39 @@ def test_the_width_and_depth_levers_name_a_model_of_that_size():
     assert model.visual.proj.shape == (96, 96) and model.text_projection.shape == (96, 96)
     assert len(model.visual.transformer.resblocks) == len(model.transformer.resblocks) == 3
     assert levers.arch(parsed("--layers", "4")[1])["name"] == "chronoclip-tiny-w64-l4"
+
+
+def test_tangent_evaluation_is_theta0_at_theta0_and_linear_in_the_weights():
+    from mergeability_diagnosis import Tangent
+
+    torch.manual_seed(0)
+    base = create_model("chronoclip-tiny").eval()
+    theta0 = base.state_dict()
+    tau = {n: 0.02 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
+           for n, v in theta0.items()}
+
+    def weights(a: float) -> dict:
+        return {n: theta0[n] + a * tau[n] for n in theta0}
+
+    def network(a: float) -> torch.nn.Module:
+        m = create_model("chronoclip-tiny").eval()
+        m.load_state_dict(weights(a))
+        return m
+
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f0 = base.encode_image(x)
+        tangent = {a: Tangent(base, weights(a)).encode_image(x) - f0 for a in (0.0, 1e-3, 1.0, 2.0)}
+        assert tangent[0.0].abs().max() < 1e-5
+        assert torch.allclose(tangent[2.0], 2 * tangent[1.0], atol=1e-4)  # linear in θ − θ0 ...
+        assert not torch.allclose(network(2.0).encode_image(x) - f0, 2 * (network(1.0).encode_image(x) - f0), atol=1e-4)
+        # ... where the network is not, and equal to it to first order
+        assert torch.allclose(tangent[1e-3], network(1e-3).encode_image(x) - f0, rtol=0.05, atol=1e-6)
+        tokens = get_tokenizer("chronoclip-tiny")(["a photo"])
+        assert torch.equal(Tangent(base, weights(1.0)).encode_text(tokens), base.encode_text(tokens))
+
+
+def test_tangent_evaluation_needs_linearized_experts():
+    r = subprocess.run([sys.executable, str(BENCH / "mergeability_diagnosis.py"), "--tangent"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "needs --set train.mode=linear" in r.stderr
