@@ -192,13 +192,16 @@ def main() -> None:
         m.load_state_dict(state)
         return m
 
+    def evaluated(trained):  # a trained model as it is evaluated: itself, or its weights in the tangent space
+        return Tangent(base, trained.state_dict()) if args.tangent else trained
+
     zs, zs_a_zs, theta0 = [score(base, tok, s, dev) for s in test_sets], a_zs(base), base.state_dict()
     states, gains, alone, drops, probes, crossings, geometries = [], [], [], [], [], [], []
     for t in range(k):
         m = copy.deepcopy(base)
         fine_tune(m, train_sets[t], cfg, tokenizer=tok, device=dev)
         states.append({n: v.clone() for n, v in m.state_dict().items()})
-        m = loaded(states[-1]) if args.tangent else m
+        m = evaluated(m)
         own = score(m, tok, test_sets[t], dev)
         gains.append(own - zs[t])
         drops.append(zs_a_zs - a_zs(m))
@@ -221,7 +224,7 @@ def main() -> None:
         m = copy.deepcopy(base)
         fine_tune(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
                   tokenizer=tok, device=dev)
-        out["keep_multitask"] = _share(gains_of(loaded(m.state_dict()) if args.tangent else m), gains)
+        out["keep_multitask"] = _share(gains_of(evaluated(m)), gains)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
     out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}
