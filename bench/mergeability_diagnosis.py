@@ -23,7 +23,12 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          zero-shot deficit (best wrong class's cosine minus the true class's), the
                          median expert margin (the reverse), and the median α where mixing the two
                          models' cosines, (1 − α)·zero-shot + α·expert, turns right: small when experts
-                         are far more confident than zero-shot is wrong (WiSE-FT's concave curves)
+                         are far more confident than zero-shot is wrong (WiSE-FT's concave curves);
+                         `path_alpha`, the same on the unnormalised image features: where the weight path
+                         θ0 + α·τ turns right when the features are linear in α (exactly so under
+                         --tangent; to first order otherwise). The argmax ignores the features' norm, so
+                         an expert whose features are shorter than θ0's crosses later on the path than
+                         its cosines suggest
   geometry             per task, over all its test images (medians): how far the expert turns the
                          image features (cosine between θ0's and the expert's unnormalised features,
                          and the ratio of their norms) and how far θ0 + τ/K's normalised features have
@@ -100,11 +105,12 @@ def probe(model, train_split, test_split) -> float | None:
     return float(clf.score(test, test_split.labels))
 
 
-def margins(model, tokenizer, split) -> np.ndarray:
-    """Per test image: the true class's cosine minus the best other class's (the model's own text head)."""
+def margins(model, tokenizer, split, normalize: bool = True) -> np.ndarray:
+    """Per test image: the true class's cosine minus the best other class's (the model's own text head);
+    with `normalize=False`, the same on the unnormalised image features (the same argmax, another scale)."""
     dev = device_of(model)
     head = text_head(model, tokenizer, split.classes, split.templates, dev)
-    sims = (encode_images(model, split.images, dev) @ head).cpu().numpy()
+    sims = (encode_images(model, split.images, dev, normalize=normalize) @ head).cpu().numpy()
     rows = np.arange(len(split.labels))
     true = sims[rows, split.labels].copy()
     sims[rows, split.labels] = -np.inf
@@ -119,9 +125,11 @@ def crossing(base, expert, tokenizer, split) -> dict | None:
     fixed = (m0 < 0) & (m1 > 0)
     if not fixed.any():
         return None
+    r0, r1 = (margins(m, tokenizer, split, normalize=False)[fixed] for m in (base, expert))
     return {"fixed": int(fixed.sum()), "zs_deficit": round(float(np.median(-m0[fixed])), 4),
             "expert_margin": round(float(np.median(m1[fixed])), 4),
-            "alpha": round(float(np.median(-m0[fixed] / (m1[fixed] - m0[fixed]))), 3)}
+            "alpha": round(float(np.median(-m0[fixed] / (m1[fixed] - m0[fixed]))), 3),
+            "path_alpha": round(float(np.median(-r0 / (r1 - r0))), 3)}
 
 
 def geometry(base, expert, scaled, split) -> dict:
@@ -227,6 +235,7 @@ def main() -> None:
         out["keep_multitask"] = _share(gains_of(evaluated(m)), gains)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
+    out["path_alpha_median"] = float(np.median([c["path_alpha"] for c in crossed])) if crossed else None
     out["crossings"] = {tasks[t].name: c for t, c in enumerate(crossings) if c is not None}
     out["moved_at_tau_over_k_median"] = float(np.median([g["moved_at_tau_over_k"] for g in geometries]))
     out["raw_moved_at_tau_over_k_median"] = float(np.median([g["raw_moved_at_tau_over_k"] for g in geometries]))

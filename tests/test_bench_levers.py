@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,34 @@ def test_tangent_evaluation_is_theta0_at_theta0_and_linear_in_the_weights():
         assert torch.allclose(tangent[1e-3], network(1e-3).encode_image(x) - f0, rtol=0.05, atol=1e-6)
         tokens = get_tokenizer("chronoclip-tiny")(["a photo"])
         assert torch.equal(Tangent(base, weights(1.0)).encode_text(tokens), base.encode_text(tokens))
+
+
+def test_path_alpha_is_where_the_tangent_weight_path_turns_right():
+    from mergeability_diagnosis import Tangent, crossing, margins
+
+    from chronomerge.data.generate import Split
+
+    torch.manual_seed(0)
+    base = create_model("chronoclip-tiny").eval()
+    theta0 = base.state_dict()
+    tau = {n: 0.3 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
+           for n, v in theta0.items()}
+
+    def at(a: float) -> Tangent:
+        return Tangent(base, {n: theta0[n] + a * tau[n] for n in theta0})
+
+    tok = get_tokenizer("chronoclip-tiny")
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
+    split = Split(images, np.zeros(64, np.int64), ["circle", "square"], ["a photo of a {c}."], [""] * 64)
+    flip = margins(at(1.0), tok, split) < 0  # label every image as the expert predicts it: it fixes the others
+    split.labels = flip.astype(np.int64)
+    fixed = margins(base, tok, split) < 0
+    assert fixed.sum() >= 8
+    alpha = crossing(base, at(1.0), tok, split)["path_alpha"]
+    assert 0 < alpha < 1
+    # two classes: the margin is linear along the tangent path, so at the median crossing half the fixed turn right
+    right_below, right_above = ((margins(at(a), tok, split)[fixed] > 0).mean() for a in (0.98 * alpha, 1.02 * alpha))
+    assert right_below <= 0.5 <= right_above
 
 
 def test_tangent_evaluation_needs_linearized_experts():
