@@ -3,7 +3,7 @@
     python bench/mergeability_diagnosis.py --seed 0 [--tasks 8] [--set train.mode=vision ...] [--device cuda]
         [--multitask] [--probe] [--out bench/results-mergeability-diagnosis.jsonl]
         [--width W] [--layers L] [--n-train N] [--pool N] [--tail-share S] [--pretrain-logit-scale S]
-        [--train NAME,...]  (levers: bench/levers.py)  [--tangent]
+        [--train NAME,...]  (levers: bench/levers.py)  [--tangent] [--pairs]
 
 For the first K tasks of the default stream (the base and data of `bench/benchmark_properties.py`,
 same --data and --store) it trains one expert per task from θ0 and reports, in points (0-100):
@@ -37,6 +37,13 @@ same --data and --store) it trains one expert per task from θ0 and reports, in 
                          90° turn is interpolated and renormalised), and the same for the unnormalised
                          features (`raw_moved_at_tau_over_k`: 1/K exactly when they are linear in the
                          weights, so a shortfall there is the network's curvature, not renormalisation)
+  interference         (--pairs) where averaging loses what the experts keep alone. Per task i (points):
+                         `alone` (θ0 + τ_i/K), `averaged` (the K-expert average) and `by_source`, what
+                         adding one other expert's share costs it: gain at θ0 + τ_i/K minus gain at
+                         θ0 + (τ_i + τ_j)/K (`pair_costs`; negative when expert j helps task i). Then
+                         `cost_by_source`, each expert's cost to the others (mean over targets), and
+                         `pair_cost_sum_mean` against `lost_mean` (alone − averaged, mean over tasks):
+                         equal when the losses add up pair by pair
 Every keep_* is a ratio of means (`benchmark_properties._share`).
 
 --tangent (needs train.mode=linear) evaluates every model, experts and merges alike, as the linearized
@@ -147,6 +154,18 @@ def geometry(base, expert, scaled, split) -> dict:
             "raw_moved_at_tau_over_k": round(float(way(g0, g1, gk).median()), 3)}
 
 
+def pair_costs(gain_at, k: int) -> np.ndarray:
+    """c[i, j] = gain_at(i, [i]) − gain_at(i, [i, j]): what expert j's share of an average costs task i, where
+    gain_at(i, experts) is task i's gain at θ0 + Σ_{e ∈ experts} τ_e / K. The diagonal is 0."""
+    c = np.zeros((k, k))
+    for i in range(k):
+        alone = gain_at(i, [i])
+        for j in range(k):
+            if j != i:
+                c[i, j] = alone - gain_at(i, [i, j])
+    return c
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -165,6 +184,8 @@ def main() -> None:
     p.add_argument("--out", help="append the JSON line to this file")
     p.add_argument("--tangent", action="store_true",
                    help="evaluate every model in θ0's tangent space, where linearized experts train")
+    p.add_argument("--pairs", action="store_true",
+                   help="also measure what each expert's share of the average costs each other task")
     levers.add_arguments(p, trainable=True)
     args = p.parse_args()
     record = levers.apply(p, args)
@@ -221,11 +242,12 @@ def main() -> None:
             probes.append({"task": tasks[t].name, "zero_shot": round(100 * zs[t], 1), "expert": round(100 * own, 1),
                            "probe_base": _pct(probe(base, train_sets[t], test_sets[t])),
                            "probe_expert": _pct(probe(m, train_sets[t], test_sets[t]))})
+    averaged = gains_of(loaded(merge("average", theta0, states)))
     out = {"seed": args.seed, "base": base_id[:12], "model": arch_of(arch)["name"], **record, "tasks": k,
            "set": args.set, **({"evaluated": "tangent"} if args.tangent else {}),
            "base_logit_scale": round(math.exp(float(theta0["logit_scale"])), 2),
            "gain_mean": 100 * sum(gains) / k, "gain_min": 100 * min(gains), "a_zs_drop_mean": 100 * sum(drops) / k,
-           "keep_avg": _share(gains_of(loaded(merge("average", theta0, states))), gains),
+           "keep_avg": _share(averaged, gains),
            "keep_ta": _share(gains_of(loaded(merge("task_arithmetic", theta0, states, scale=0.3))), gains),
            "keep_alone": _share(alone, gains)}
     if args.multitask:
@@ -233,6 +255,19 @@ def main() -> None:
         fine_tune(m, task_split(args.data, multitask(tasks), "train"), cfg.model_copy(update={"steps": k * cfg.steps}),
                   tokenizer=tok, device=dev)
         out["keep_multitask"] = _share(gains_of(evaluated(m)), gains)
+    if args.pairs:
+        def gain_at(i: int, experts: list[int]) -> float:
+            merged = merge("task_arithmetic", theta0, [states[e] for e in experts], scale=1 / k)
+            return score(loaded(merged), tok, test_sets[i], dev) - zs[i]
+
+        cost = 100 * pair_costs(gain_at, k)
+        names = [t.name for t in tasks]
+        out["interference"] = {names[i]: {"alone": round(100 * alone[i], 1), "averaged": round(100 * averaged[i], 1),
+                                          "by_source": {names[j]: round(cost[i, j], 1) for j in range(k) if j != i}}
+                               for i in range(k)}
+        out["cost_by_source"] = {names[j]: round(float(np.delete(cost[:, j], j).mean()), 1) for j in range(k)}
+        out["pair_cost_sum_mean"] = round(float(cost.sum(1).mean()), 1)
+        out["lost_mean"] = round(100 * float(np.mean(alone) - np.mean(averaged)), 1)
     crossed = [c for c in crossings if c is not None]
     out["crossing_alpha_median"] = float(np.median([c["alpha"] for c in crossed])) if crossed else None
     out["path_alpha_median"] = float(np.median([c["path_alpha"] for c in crossed])) if crossed else None

@@ -165,3 +165,42 @@ def test_tangent_evaluation_needs_linearized_experts():
     r = subprocess.run([sys.executable, str(BENCH / "mergeability_diagnosis.py"), "--tangent"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "needs --set train.mode=linear" in r.stderr
+
+
+def test_pair_costs_charge_an_anti_expert_all_of_the_gain_and_a_null_expert_nothing():
+    from mergeability_diagnosis import margins, pair_costs
+
+    from chronomerge.data.generate import Split
+    from chronomerge.evaluate import score
+    from chronomerge.merge import merge
+
+    torch.manual_seed(0)
+    base = create_model("chronoclip-tiny").eval()
+    theta0 = base.state_dict()
+    tau = {n: 0.3 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
+           for n, v in theta0.items()}
+    states = [{n: theta0[n] + tau[n] for n in theta0}, {n: theta0[n] - tau[n] for n in theta0}, theta0]
+
+    def model(state: dict) -> torch.nn.Module:
+        m = create_model("chronoclip-tiny").eval()
+        m.load_state_dict(state)
+        return m
+
+    tok = get_tokenizer("chronoclip-tiny")
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
+    split = Split(images, np.zeros(64, np.int64), ["circle", "square"], ["a photo of a {c}."], [""] * 64)
+    # label every image as θ0 + τ/3 predicts it, so that expert 0's share alone gains on "its task"
+    split.labels = (margins(model(merge("task_arithmetic", theta0, [states[0]], scale=1 / 3)), tok, split) < 0
+                    ).astype(np.int64)
+    zs = score(base, tok, split, "cpu")
+
+    def gain_at(i: int, experts: list[int]) -> float:
+        return score(model(merge("task_arithmetic", theta0, [states[e] for e in experts], scale=1 / 3)), tok, split,
+                     "cpu") - zs
+
+    alone = gain_at(0, [0])
+    assert alone > 0.1
+    c = pair_costs(gain_at, 3)
+    assert c[0, 1] == pytest.approx(alone)  # θ0 + (τ − τ)/3 is θ0: the anti-expert takes the whole gain
+    assert c[0, 2] == 0  # a null task vector costs nothing
+    assert (np.diag(c) == 0).all()
