@@ -103,22 +103,44 @@ def test_the_width_and_depth_levers_name_a_model_of_that_size():
     assert levers.arch(parsed("--layers", "4")[1])["name"] == "chronoclip-tiny-w64-l4"
 
 
-def test_tangent_evaluation_is_theta0_at_theta0_and_linear_in_the_weights():
-    from mergeability_diagnosis import Tangent
-
+def random_base_and_visual_tau(scale: float) -> tuple[torch.nn.Module, dict, dict]:
+    """A random tiny CLIP (seed 0), its weights θ0, and a random task vector of that scale on the image tower."""
     torch.manual_seed(0)
     base = create_model("chronoclip-tiny").eval()
     theta0 = base.state_dict()
-    tau = {n: 0.02 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
-           for n, v in theta0.items()}
+    tau = {n: scale * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point()
+           else torch.zeros_like(v) for n, v in theta0.items()}
+    return base, theta0, tau
+
+
+def loaded(state: dict) -> torch.nn.Module:
+    m = create_model("chronoclip-tiny").eval()
+    m.load_state_dict(state)
+    return m
+
+
+def two_class_split(labelled_by, tok):
+    """64 random images, two classes, each image labelled as `labelled_by` predicts it."""
+    from mergeability_diagnosis import margins
+
+    from chronomerge.data.generate import Split
+
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
+    split = Split(images, np.zeros(64, np.int64), ["circle", "square"], ["a photo of a {c}."], [""] * 64)
+    split.labels = (margins(labelled_by, tok, split) < 0).astype(np.int64)
+    return split
+
+
+def test_tangent_evaluation_is_theta0_at_theta0_and_linear_in_the_weights():
+    from mergeability_diagnosis import Tangent
+
+    base, theta0, tau = random_base_and_visual_tau(0.02)
 
     def weights(a: float) -> dict:
         return {n: theta0[n] + a * tau[n] for n in theta0}
 
     def network(a: float) -> torch.nn.Module:
-        m = create_model("chronoclip-tiny").eval()
-        m.load_state_dict(weights(a))
-        return m
+        return loaded(weights(a))
 
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -136,22 +158,13 @@ def test_tangent_evaluation_is_theta0_at_theta0_and_linear_in_the_weights():
 def test_path_alpha_is_where_the_tangent_weight_path_turns_right():
     from mergeability_diagnosis import Tangent, crossing, margins
 
-    from chronomerge.data.generate import Split
-
-    torch.manual_seed(0)
-    base = create_model("chronoclip-tiny").eval()
-    theta0 = base.state_dict()
-    tau = {n: 0.3 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
-           for n, v in theta0.items()}
+    base, theta0, tau = random_base_and_visual_tau(0.3)
 
     def at(a: float) -> Tangent:
         return Tangent(base, {n: theta0[n] + a * tau[n] for n in theta0})
 
     tok = get_tokenizer("chronoclip-tiny")
-    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
-    split = Split(images, np.zeros(64, np.int64), ["circle", "square"], ["a photo of a {c}."], [""] * 64)
-    flip = margins(at(1.0), tok, split) < 0  # label every image as the expert predicts it: it fixes the others
-    split.labels = flip.astype(np.int64)
+    split = two_class_split(at(1.0), tok)  # the expert fixes every image that zero-shot gets wrong
     fixed = margins(base, tok, split) < 0
     assert fixed.sum() >= 8
     alpha = crossing(base, at(1.0), tok, split)["path_alpha"]
@@ -168,35 +181,23 @@ def test_tangent_evaluation_needs_linearized_experts():
 
 
 def test_pair_costs_charge_an_anti_expert_all_of_the_gain_and_a_null_expert_nothing():
-    from mergeability_diagnosis import margins, pair_costs
+    from mergeability_diagnosis import pair_costs
 
-    from chronomerge.data.generate import Split
     from chronomerge.evaluate import score
     from chronomerge.merge import merge
 
-    torch.manual_seed(0)
-    base = create_model("chronoclip-tiny").eval()
-    theta0 = base.state_dict()
-    tau = {n: 0.3 * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point() else torch.zeros_like(v)
-           for n, v in theta0.items()}
+    base, theta0, tau = random_base_and_visual_tau(0.3)
     states = [{n: theta0[n] + tau[n] for n in theta0}, {n: theta0[n] - tau[n] for n in theta0}, theta0]
 
-    def model(state: dict) -> torch.nn.Module:
-        m = create_model("chronoclip-tiny").eval()
-        m.load_state_dict(state)
-        return m
+    def averaged(experts: list[int]) -> torch.nn.Module:  # θ0 + Σ τ_e / 3
+        return loaded(merge("task_arithmetic", theta0, [states[e] for e in experts], scale=1 / 3))
 
     tok = get_tokenizer("chronoclip-tiny")
-    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
-    split = Split(images, np.zeros(64, np.int64), ["circle", "square"], ["a photo of a {c}."], [""] * 64)
-    # label every image as θ0 + τ/3 predicts it, so that expert 0's share alone gains on "its task"
-    split.labels = (margins(model(merge("task_arithmetic", theta0, [states[0]], scale=1 / 3)), tok, split) < 0
-                    ).astype(np.int64)
+    split = two_class_split(averaged([0]), tok)  # expert 0's share alone gains on "its task"
     zs = score(base, tok, split, "cpu")
 
     def gain_at(i: int, experts: list[int]) -> float:
-        return score(model(merge("task_arithmetic", theta0, [states[e] for e in experts], scale=1 / 3)), tok, split,
-                     "cpu") - zs
+        return score(averaged(experts), tok, split, "cpu") - zs
 
     alone = gain_at(0, [0])
     assert alone > 0.1
