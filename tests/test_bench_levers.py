@@ -21,6 +21,7 @@ from chronomerge.train import train
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import levers  # noqa: E402
+from conftest import perturb  # noqa: E402
 
 
 def parsed(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -108,9 +109,8 @@ def random_base_and_visual_tau(scale: float) -> tuple[torch.nn.Module, dict, dic
     torch.manual_seed(0)
     base = create_model("chronoclip-tiny").eval()
     theta0 = base.state_dict()
-    tau = {n: scale * torch.randn_like(v) if n.startswith("visual.") and v.is_floating_point()
-           else torch.zeros_like(v) for n, v in theta0.items()}
-    return base, theta0, tau
+    expert = perturb(theta0, seed=0, scale=scale, only="visual.")
+    return base, theta0, {n: expert[n] - theta0[n] for n in theta0}
 
 
 def loaded(state: dict) -> torch.nn.Module:
