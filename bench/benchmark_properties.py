@@ -145,6 +145,7 @@ def main() -> None:
                 m.load_state_dict(merge("task_arithmetic", theta0, [st], scale=1 / k))
                 alone.append(score(m, tok, test_sets[t], dev) - zs_own[t])
             out["keep_alone_clip"] = _share(alone, gains[:k])
+            log(f"whole-CLIP merges: {({key: out[key] for key in out if key.endswith('_clip')})}")
             vision_states, vgains = [], []
             for t in range(k):
                 m = expert(t, "vision")
