@@ -58,7 +58,7 @@ def _batch_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, device="cpu",
           replay_pool: Split | None = None, previous: Sequence[Split] = (),
-          head: torch.Tensor | None = None, progress: str | None = None,
+          progress: str | None = None,
           checkpointing: resume.Checkpointing | None = None) -> TrainResult:
     """Fine-tune `model` in place on `task` and return its weights and AdamW second moments.
 
@@ -67,7 +67,12 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     (text tower trained unless `train_text=False`). `mode="linear"`: as "vision", but the image tower
     is linearized around the weights it starts from (CMM pre-merge; see `Linearized`).
     `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's classes with the
-    text tower frozen; `head` defaults to the zero-shot head of `model` as given. `progress`, a label
+    text tower frozen; `head` is the zero-shot head of `model` as given. A retrieval task (scored by
+    caption recall@5) has no classes to learn: its distinct captions are the classes, each its own
+    text (`caption_classes`), so the head is the frozen text tower's embedding of every caption and
+    the loss raises the image-to-caption similarities that recall@5 ranks. Trained on class labels
+    instead, the image features forget the colour, size and position the captions name and the
+    expert ends below zero-shot on its own task. `progress`, a label
     ("train t003-letters-painting"), reports progress under it (`chronomerge.progress`); None is silent.
     `checkpointing`: write progress checkpoints there and resume from the newest valid one
     (`chronomerge.resume`); its stage names the kill points (`train:step:<k>` without it).
@@ -80,12 +85,21 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     train_text = cfg.train_text and cfg.mode == "clip"
     for name, p in model.named_parameters():
         p.requires_grad_(train_text or not is_text_param(name))
-    if cfg.mode != "clip" and head is None:
+    head = None
+    if cfg.mode != "clip":
         from chronomerge.evaluate import text_head
+        task = caption_classes(task) if task.kind == "retrieval" else task
         head = text_head(model, tokenizer, task.classes, task.templates, dev)
     with gpu_slot(dev), (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
         return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
                       head=head, progress=progress, ck=checkpointing)
+
+
+def caption_classes(task: Split) -> Split:
+    """A retrieval task as a classification task over its distinct captions (template "{c}"): the
+    target of vision-only training on it. Identical captions are one class, as recall@5 counts them."""
+    classes, labels = np.unique(np.asarray(task.captions), return_inverse=True)
+    return Split(task.images, labels, list(classes), ["{c}"], task.captions)
 
 
 # torch's forward-mode AD levels (and the attention fast-path switch) are process-global: linearized

@@ -12,7 +12,7 @@ from chronomerge.data import catalog
 from chronomerge.data.generate import Split, generate
 from chronomerge.evaluate import acc_bwt, chance, retrieval_recall, summarize, zero_shot_accuracy
 from chronomerge.models import create_model, get_tokenizer
-from chronomerge.train import is_text_param, lr_at, train
+from chronomerge.train import caption_classes, is_text_param, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,21 @@ def test_vision_only_training_keeps_the_text_tower_and_fits_the_task(task, tok):
     assert not torch.equal(res.state["visual.proj"], before["visual.proj"])
     assert not any(is_text_param(k) for k in res.exp_avg_sq)
     assert zero_shot_accuracy(model, tok, task, "cpu") > acc0 + 0.2
+
+
+def test_vision_only_training_on_a_retrieval_task_learns_its_captions(tok):
+    """A retrieval task's classes are its distinct captions: vision-only training raises recall@5, the
+    task's score (trained on the object labels instead, it rose 0.05 -> 0.07 here, against 0.34)."""
+    task = generate(catalog.ALL["objects-mosaic-captions"], "train", 0, size_factor=0.2)
+    as_classes = caption_classes(task)
+    assert len(as_classes.classes) == len(set(task.captions)) > 3 * len(task.classes)
+    assert [as_classes.classes[i] for i in as_classes.labels] == list(task.captions)
+    model = create_model(seed=0)
+    text = copy.deepcopy(model.token_embedding.weight)
+    before = retrieval_recall(model, tok, task, "cpu")
+    train(model, task, TrainSection(steps=60, batch_size=32, lr=2e-3, mode="vision"), tokenizer=tok)
+    assert torch.equal(model.token_embedding.weight, text)
+    assert retrieval_recall(model, tok, task, "cpu") > before + 0.15
 
 
 def test_frozen_text_tower_in_contrastive_mode(task, tok):
