@@ -1,6 +1,6 @@
 """Is the embedded benchmark in CLIP's regime? Measures the properties it must have, for one seed.
 
-    python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,seq,streams] [--device cuda]
+    python bench/benchmark_properties.py --seed 0 [--parts zs,experts,merge,headroom,seq,streams] [--device cuda]
         [--set train.KEY=V] [--set pretrain.KEY=V]
         [--width W] [--layers L] [--pool N] [--tail-share S] [--n-train N] [--pretrain-logit-scale S]
         (levers: bench/levers.py)
@@ -19,6 +19,9 @@ one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lin
   keep_alone_clip           (reported) each of those experts alone at θ0 + τ/8: the share of their mean gain
                             they keep, averaging's ceiling without interference (1/8 = 12.5% if linear)
   Every keep_* is a ratio of means, and null when the experts gain under 1 point on average.
+  headroom                  (reported; part headroom) per task: zero-shot, the whole-CLIP expert (with part
+                            experts), a vision-only expert of the same recipe and a linear probe on θ0's
+                            image features: which tasks leave no room for 15 points, which the recipe misses
   seq_bwt                   BWT of plain sequential fine-tuning over the stream       (<= -5)
   gm_zs, gm_best_in_time, gm_offline, gm_replay
                             GM at T = 20 of the pipeline's default stream (Best-in-TIME), offline
@@ -45,13 +48,14 @@ from chronomerge.benchmark import ensure_base, pretrain_recipe  # noqa: E402
 from chronomerge.config import apply_overrides, load_config, validate  # noqa: E402
 from chronomerge.data import catalog, load_split, prepare  # noqa: E402
 from chronomerge.data.streams import build_stream, task_split  # noqa: E402
-from chronomerge.evaluate import chance, evaluate, score, summarize  # noqa: E402
+from chronomerge.evaluate import chance, encode_images, evaluate, score, summarize  # noqa: E402
 from chronomerge.merge import merge  # noqa: E402
 from chronomerge.models import arch_of, get_tokenizer, load_model  # noqa: E402
 from chronomerge.store import CheckpointStore  # noqa: E402
 from chronomerge.train import train  # noqa: E402
 
-PARTS = ("zs", "experts", "merge", "seq", "streams")
+PARTS = ("zs", "experts", "merge", "headroom", "seq", "streams")
+PROPERTIES = ("zs", "experts", "merge", "seq", "streams")  # the default: every part but the headroom diagnosis
 MERGED = 8  # mergeability is measured on the first 8 experts, like the papers' 8-task setting
 
 
@@ -61,7 +65,8 @@ def main() -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--store", default="store")
     p.add_argument("--tasks", type=int, default=20)
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(PROPERTIES),
+                   help=f"comma-separated subset of {','.join(PARTS)} (default: {','.join(PROPERTIES)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train.* or pretrain.* override of the default recipe, as `chronomerge run --set`")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -154,6 +159,22 @@ def main() -> None:
             out["vision_gain_mean"] = 100 * sum(vgains) / k
             out["keep_avg_vision"] = _keep(base, merge("average", theta0, vision_states), own_scores, zs_own, vgains, k)
             log(f"mergeability: {({key: out[key] for key in out if key.startswith(('keep', 'vision'))})}")
+    if "headroom" in parts:
+        # Where the gain minimum is lost, task by task: zero-shot (a task it nearly solves leaves an expert no
+        # room for 15 points), the whole-CLIP expert (with --parts experts), a vision-only expert of the same
+        # recipe (cross-entropy on the zero-shot head: the task's own objective, not its captions') and a
+        # logistic-regression probe on θ0's image features (classification tasks).
+        rows = []
+        for t in range(len(tasks)):
+            row = {"task": tasks[t].name, "zero_shot": round(100 * zs_own[t], 1)}
+            if "experts" in parts:
+                row["clip_expert"] = round(100 * (zs_own[t] + gains[t]), 1)
+            row["vision_expert"] = round(100 * score(expert(t, "vision"), tok, test_sets[t], dev), 1)
+            p_acc = probe(base, train_sets[t], test_sets[t])
+            row["probe"] = None if p_acc is None else round(100 * p_acc, 1)
+            rows.append(row)
+            log(f"headroom {row}")
+        out["headroom"] = rows
     if "seq" in parts:
         seq = copy.deepcopy(base)
         diag = []
@@ -177,6 +198,22 @@ def emit(out: dict, path: str | None) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
+
+
+def probe(model, train_split, test_split) -> float | None:
+    """Test accuracy of a logistic regression on the model's normalised image features (classification sets)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if train_split.kind != "classification":
+        return None
+    features = encode_images(model, train_split.images, device_of(model)).cpu().numpy()
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(features, train_split.labels)
+    test = encode_images(model, test_split.images, device_of(model)).cpu().numpy()
+    return float(clf.score(test, test_split.labels))
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _keep(base, merged: dict, own_scores, zs_own: list[float], gains: list[float], k: int) -> float | None:

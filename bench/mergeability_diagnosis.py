@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import levers  # noqa: E402
-from benchmark_properties import _share, emit  # noqa: E402
+from benchmark_properties import _share, device_of, emit, probe  # noqa: E402
 
 from chronomerge.benchmark import ensure_base, pretrain_recipe  # noqa: E402
 from chronomerge.config import load_config  # noqa: E402
@@ -98,18 +98,6 @@ class Tangent(torch.nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.clip.encode_text(text, normalize=normalize)
-
-
-def probe(model, train_split, test_split) -> float | None:
-    """Test accuracy of a logistic regression on the model's normalised image features (classification sets)."""
-    from sklearn.linear_model import LogisticRegression
-
-    if train_split.kind != "classification":
-        return None
-    features = encode_images(model, train_split.images, device_of(model)).cpu().numpy()
-    clf = LogisticRegression(max_iter=2000, C=10.0).fit(features, train_split.labels)
-    test = encode_images(model, test_split.images, device_of(model)).cpu().numpy()
-    return float(clf.score(test, test_split.labels))
 
 
 def margins(model, tokenizer, split, normalize: bool = True) -> np.ndarray:
@@ -164,10 +152,6 @@ def pair_costs(gain_at, k: int) -> np.ndarray:
             if j != i:
                 c[i, j] = alone - gain_at(i, [i, j])
     return c
-
-
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import chronomerge.benchmark as benchmark
 from chronomerge.config import TrainSection
 from chronomerge.data import catalog
 from chronomerge.data.generate import generate
+from chronomerge.data.streams import build_stream
 from chronomerge.models import create_model, get_tokenizer
 from chronomerge.store import CheckpointStore
 from chronomerge.train import train
@@ -76,11 +77,17 @@ def test_the_train_lever_fine_tunes_only_the_named_tensors(mode, names):
 
 
 def test_benchmark_properties_pretrains_its_base_with_the_pretrain_overrides(tmp_path):
-    out = subprocess.run([sys.executable, str(BENCH / "benchmark_properties.py"), "--parts", "zs", "--device", "cpu",
+    out = subprocess.run([sys.executable, str(BENCH / "benchmark_properties.py"), "--parts", "zs,headroom",
+                          "--device", "cpu", "--seed", "1", "--tasks", "3", "--set", "train.steps=2",
                           "--set", "pretrain.steps=3", "--set", "pretrain.batch_size=8",
                           "--data", str(tmp_path / "d"), "--store", str(tmp_path / "s")],
                          capture_output=True, text=True, check=True).stdout
     line = json.loads(out)
+    # seed 1's third task is caption retrieval: no classes, so no probe
+    tasks = [t.name for t in build_stream("dataset-incremental", 3, 1)]
+    assert [r["task"] for r in line["headroom"]] == tasks and "captions" in tasks[2]
+    assert [r["probe"] is None for r in line["headroom"]] == [False, False, True]
+    assert all(0 <= r[k] <= 100 for r in line["headroom"] for k in ("zero_shot", "vision_expert"))
     assert (line["pretrain"]["steps"], line["pretrain"]["batch_size"]) == (3, 8)
     store = CheckpointStore(tmp_path / "s")
     (base,) = store.ids()
