@@ -31,8 +31,10 @@ PRETRAIN = pretrain_recipe(PretrainSection())  # the default recipe
 
 def base_recipe(model: str, seed: int, pool_digest: str, cfg: TrainSection) -> dict:
     """What determines a pretrained base: model, seed, the pool's digest and the training config."""
-    # "progress": False keeps the recipe's shape (and so the ids of stored bases) as it has been
-    return {"model": model, "seed": seed, "data": pool_digest, "train": {**cfg.model_dump(), "progress": False}}
+    # "progress": False, and leaving out `text` (pretraining pairs the pool's captions whatever it says),
+    # keep the recipe's shape, and so the ids of stored bases, as it has been
+    return {"model": model, "seed": seed, "data": pool_digest,
+            "train": {**cfg.model_dump(exclude={"text"}), "progress": False}}
 
 
 def base_ref(recipe: dict) -> str:

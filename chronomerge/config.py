@@ -197,6 +197,7 @@ class TrainSection(_Section):
     warmup: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     mode: Literal["clip", "vision", "linear"] = "clip"  # linear: CMM's tangent-space fine-tuning
+    text: Literal["captions", "classes"] = "captions"  # what mode clip pairs a task's images with
     train_text: bool = True
     replay_pretrain: float = Field(0.0, ge=0, lt=1)
     replay_previous: float = Field(0.0, ge=0, lt=1)
@@ -210,6 +211,9 @@ class TrainSection(_Section):
             raise ValueError("replay_pretrain + replay_previous must be < 1")
         if self.mode != "clip" and (self.replay_pretrain or self.replay_previous):
             raise ValueError("replay needs captions: use it with mode 'clip'")
+        if self.mode != "clip" and self.text != "captions":
+            raise ValueError(f"text {self.text!r} chooses what contrastive fine-tuning pairs images with: "
+                             "use it with mode 'clip' (modes vision and linear train on class labels)")
         return self
 
 

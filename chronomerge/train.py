@@ -10,6 +10,7 @@ progress checkpoints and resumes from the newest valid one, bit-identically on t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -64,7 +65,9 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
 
     `cfg` is params.yaml's validated `train` section (`chronomerge.config.TrainSection`), so its
     values are already checked. `mode="clip"`: symmetric InfoNCE between images and their captions
-    (text tower trained unless `train_text=False`). `mode="linear"`: as "vision", but the image tower
+    (text tower trained unless `train_text=False`), or with `text="classes"` between images and their
+    class prompts (`class_texts`; FLYP, Goyal et al., CVPR 2023: fine-tune like you pretrain, on the
+    zero-shot head's texts); replayed images keep their captions. `mode="linear"`: as "vision", but the image tower
     is linearized around the weights it starts from (CMM pre-merge; see `Linearized`).
     `mode="vision"`: cross-entropy of `logit_scale · f(x) · head` over the task's classes with the
     text tower frozen; `head` is the zero-shot head of `model` as given. A retrieval task (scored by
@@ -86,6 +89,8 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     for name, p in model.named_parameters():
         p.requires_grad_(train_text or not is_text_param(name))
     head = None
+    if cfg.mode == "clip" and cfg.text == "classes":
+        task = class_texts(task)
     if cfg.mode != "clip":
         from chronomerge.evaluate import text_head
         task = caption_classes(task) if task.kind == "retrieval" else task
@@ -93,6 +98,18 @@ def train(model: torch.nn.Module, task: Split, cfg: TrainSection, *, tokenizer, 
     with gpu_slot(dev), (_FORWARD_AD if cfg.mode == "linear" else contextlib.nullcontext()):
         return _train(model, task, cfg, tokenizer=tokenizer, dev=dev, replay_pool=replay_pool, previous=previous,
                       head=head, progress=progress, ck=checkpointing)
+
+
+def class_texts(task: Split) -> Split:
+    """`task` with each image's caption replaced by its class prompt: the task's zero-shot templates in
+    turn (image i takes template i mod their number) filled with its class name. A retrieval task keeps
+    its captions, which are its classes (`caption_classes`). In a batch, images of one class share a
+    prompt and count as each other's negatives, as in FLYP."""
+    if task.kind == "retrieval":
+        return task
+    n = len(task.templates)
+    return dataclasses.replace(task, captions=[task.templates[i % n].format(c=task.classes[label])
+                                               for i, label in enumerate(task.labels)])
 
 
 def caption_classes(task: Split) -> Split:
@@ -285,7 +302,8 @@ def _vision_step(model, x, labels, head) -> torch.Tensor:
 def pretrain(model: torch.nn.Module, pool: Split, cfg: TrainSection, *, tokenizer, device="cpu",
              progress: str | None = None, checkpointing: resume.Checkpointing | None = None) -> TrainResult:
     """Contrastive pretraining of the embedded base model on the pretraining pool's captions."""
-    if cfg.mode != "clip":
-        raise ValueError("pretraining is contrastive: train.mode must be 'clip'")
+    if cfg.mode != "clip" or cfg.text != "captions":
+        raise ValueError("pretraining is contrastive on the pool's captions: train.mode must be 'clip', "
+                         "train.text 'captions'")
     return train(model, pool, cfg, tokenizer=tokenizer, device=device, progress=progress,
                  checkpointing=checkpointing)

@@ -12,7 +12,7 @@ from chronomerge.data import catalog
 from chronomerge.data.generate import Split, generate
 from chronomerge.evaluate import acc_bwt, chance, retrieval_recall, summarize, zero_shot_accuracy
 from chronomerge.models import create_model, get_tokenizer
-from chronomerge.train import caption_classes, is_text_param, lr_at, train
+from chronomerge.train import caption_classes, class_texts, is_text_param, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,20 @@ def test_vision_only_training_on_a_retrieval_task_learns_its_captions(tok):
     assert retrieval_recall(model, tok, task, "cpu") > before + 0.15
 
 
+def test_contrastive_training_on_class_prompts_fits_the_classes(task, tok):
+    """train.text=classes pairs each image with its class prompt (FLYP): the task's zero-shot accuracy
+    rises where its captions, which name colour, size and position too, barely move it (0.25 -> 0.34 here,
+    against 0.68); a retrieval task keeps its captions."""
+    prompts = class_texts(task).captions
+    assert prompts[:2] == [task.templates[i].format(c=task.classes[task.labels[i]]) for i in range(2)]
+    retrieval = generate(catalog.ALL["objects-mosaic-captions"], "test", 0, size_factor=0.05)
+    assert class_texts(retrieval).captions == retrieval.captions
+    model = create_model(seed=0)
+    acc0 = zero_shot_accuracy(model, tok, task, "cpu")
+    train(model, task, TrainSection(steps=60, batch_size=32, lr=2e-3, text="classes"), tokenizer=tok)
+    assert zero_shot_accuracy(model, tok, task, "cpu") > acc0 + 0.25
+
+
 def test_frozen_text_tower_in_contrastive_mode(task, tok):
     model = create_model(seed=0)
     before = model.state_dict()["token_embedding.weight"].clone()
@@ -101,6 +115,8 @@ def test_replay_mixes_in_the_pretraining_pool_and_earlier_tasks(task, tok):
     ({"mode": "lora"}, r"train.mode: 'lora' is not allowed; expected one of 'clip', 'vision' or 'linear'"),
     ({"mode": "vision", "replay_pretrain": 0.2}, "train: replay needs captions"),
     ({"replay_pretrain": 0.6, "replay_previous": 0.5}, r"train: replay_pretrain \+ replay_previous must be < 1"),
+    ({"mode": "vision", "text": "classes"}, "train: text 'classes' chooses what contrastive fine-tuning pairs"),
+    ({"text": "labels"}, r"train.text: 'labels' is not allowed; expected one of 'captions' or 'classes'"),
     ({"steps": 0}, r"train.steps: Input should be greater than or equal to 1 \(got 0\)"),
     ({"lr": 0}, r"train.lr: Input should be greater than 0 \(got 0\)"),
 ])
