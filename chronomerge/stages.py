@@ -18,9 +18,9 @@ import torch
 
 from chronomerge.align import PROJECTION, align_projection
 from chronomerge.arrivals import digest_arrived
-from chronomerge.benchmark import ensure_base
+from chronomerge.benchmark import ensure_base, pretrain_recipe
 from chronomerge.checkpoints import read_checkpoint
-from chronomerge.config import TrainSection
+from chronomerge.config import PretrainSection, TrainSection
 from chronomerge.data import catalog, load_split, prepare
 from chronomerge.data.streams import STREAMS, Task, build_stream, task_split, user_stream
 from chronomerge.evaluate import score, summarize
@@ -127,8 +127,8 @@ def run_base(ws: Workspace, arch: Mapping[str, Any], model: Mapping[str, Any], p
                         extra={"model": arch["name"], "pretrained": model["pretrained"]})
     else:
         ck = ws.progress_checkpoints("base")
-        oid = ensure_base(store, ws.data, data["seed"], arch, TrainSection(**pretrain), ws.device, data["size_factor"],
-                          progress=ws.progress, checkpointing=ck)
+        oid = ensure_base(store, ws.data, data["seed"], arch, pretrain_recipe(PretrainSection(**pretrain)), ws.device,
+                          data["size_factor"], progress=ws.progress, checkpointing=ck)
         return {"base": oid, "seconds": time.perf_counter() - t0, "resumed_steps": ck.resumed_from if ck else 0}
     return {"base": oid, "seconds": time.perf_counter() - t0, "resumed_steps": 0}
 

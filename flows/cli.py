@@ -34,7 +34,7 @@ if __name__ == "__main__":  # `python -m flows.cli`: like the console script, Ct
 
 import tasks  # noqa: E402, F401  (Prefect's environment defaults, set before anything imports Prefect)
 from chronomerge import cli as core_cli  # noqa: E402
-from chronomerge.config import ConfigError, TrainSection, load_config, validate  # noqa: E402
+from chronomerge.config import ConfigError, load_config, validate  # noqa: E402
 from chronomerge.lineage import lineage_lines  # noqa: E402
 from chronomerge.report import ZERO_SHOT, scores_line, versus  # noqa: E402
 from chronomerge.statedict import CorruptCheckpointError  # noqa: E402
@@ -111,7 +111,7 @@ def cmd_status(args) -> int:
     """What `chronomerge run` with the same settings would do: done stages (cached), the next one, and
     the tasks after it. Without --set or --params, the settings of the last run started here."""
     from chronomerge.arrivals import digest_arrived
-    from chronomerge.benchmark import base_recipe, base_ref
+    from chronomerge.benchmark import base_recipe, base_ref, pretrain_recipe
     from chronomerge.checkpoints import read_checkpoint
     from chronomerge.data import catalog
     from chronomerge.progress import clock
@@ -168,7 +168,7 @@ def cmd_status(args) -> int:
         store = ws.checkpoints
         pool = known.get(catalog.PRETRAIN.name)
         ref = None if cfg.model.pretrained or pool is None else base_ref(
-            base_recipe(arch["name"], cfg.data.seed, pool, TrainSection(**cfg.pretrain.model_dump())))
+            base_recipe(arch["name"], cfg.data.seed, pool, pretrain_recipe(cfg.pretrain)))
         if cfg.model.pretrained:
             print(f"base: imported from model.pretrained ({cfg.model.pretrained}) when the run starts")
         elif ref and store.ref(ref):
