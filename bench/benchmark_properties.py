@@ -27,6 +27,7 @@ one JSON line (accuracy points, 0-100) and, with --out, appends it to a JSON-lin
                             GM at T = 20 of the pipeline's default stream (Best-in-TIME), offline
                             merging (init zs, deploy all) and continual fine-tuning with replay
                                                                   (each >= zero-shot + 5)
+  a_ka_*, a_zs_*            (reported) the A_KA and A_ZS each of those GMs is made of
 """
 from __future__ import annotations
 
@@ -245,9 +246,12 @@ def _streams(args, raw: dict, log) -> dict[str, float]:
                                         f"stream.length={args.tasks}", "tracking.enabled=false",
                                         f"data.root={Path(args.data).resolve()}",
                                         f"paths.store={Path(args.store).resolve()}", f"device={args.device}", *sets])
-            result = stream_flow(validate(cfg), project=project, quiet=True)
-            out[key] = 100 * result["final"]["GM"]
-            log(f"{key}: {out[key]:.1f}")
+            final = stream_flow(validate(cfg), project=project, quiet=True)["final"]
+            out[key] = 100 * final["GM"]
+            # what the GM is made of: known tasks gained (A_KA) against zero-shot accuracy kept (A_ZS)
+            for metric in ("A_KA", "A_ZS"):
+                out[key.replace("gm", metric.lower())] = 100 * final[metric]
+            log(f"{key}: {out[key]:.1f} (A_KA {100 * final['A_KA']:.1f}, A_ZS {100 * final['A_ZS']:.1f})")
     return out
 
 

@@ -1,5 +1,6 @@
-"""Regime levers: recipe changes that `bench/benchmark_properties.py` and `bench/mergeability_diagnosis.py`
-apply in their own process only (the committed benchmark is unchanged), recorded in their result line.
+"""Regime levers: recipe changes that `bench/benchmark_properties.py`, `bench/mergeability_diagnosis.py` and
+`bench/alpha_curve.py` apply in their own process only (the committed benchmark is unchanged), recorded in
+their result line.
 
     --pool N                  the pretraining pool's size (committed: 20,000), the base pretrained on it
     --tail-share S            the pool's share of long-tail images, which show the adaptation tasks' concepts
